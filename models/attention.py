@@ -1,0 +1,101 @@
+"""Paged attention: the metadata the runtime fills each step, and a torch implementation
+that writes new K/V through `slot_mapping` and reads the context through block tables.
+
+A batch is flat: `T` tokens from `B` sequences, decodes (one token each) first, then
+prefill chunks. Decodes attend as one group with a query length of one; prefill chunks are
+scattered into a padded [num_prefills, max_query_len] layout and attend as a second group,
+so one long prompt never pads every decode to its length.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+    seq_lens: torch.Tensor  # [B] context length of each sequence after this step
+    query_lens: torch.Tensor  # [B] tokens each sequence computes this step
+    block_tables: torch.Tensor  # [B, M] physical block ids, M covers the longest sequence
+    token_to_seq: torch.Tensor  # [T] which sequence each token belongs to
+    token_offsets: torch.Tensor  # [T] index of each token within its sequence's chunk
+    num_decodes: int  # sequences (and tokens) at the front that decode one token
+    max_query_len: int  # longest prefill chunk (0 when the batch is decode only)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    kv_cache[0].view(num_slots, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(num_slots, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, query_lens: torch.Tensor, scale: float,
+                  sliding_window: int | None) -> torch.Tensor:
+    """q: [S, Q, Hq, D] padded queries of S sequences -> [S, Q, Hq, D]."""
+    num_seqs, num_blocks = block_tables.shape
+    keys = kv_cache[0][block_tables].flatten(1, 2)  # [S, L, Hkv, D]
+    values = kv_cache[1][block_tables].flatten(1, 2)
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(q.shape[1], device=q.device)
+    # Padded query rows get positions past the sequence end: they still see every real key,
+    # so no row of the softmax is empty.
+    mask = (key_pos <= query_pos[..., None]) & (key_pos < seq_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= key_pos > query_pos[..., None] - sliding_window
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> [T, Hq, D]."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    nd = meta.num_decodes
+    outputs = []
+    if nd > 0:
+        outputs.append(_attend_group(
+            q[:nd, None], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+            meta.query_lens[:nd], scale, sliding_window,
+        )[:, 0])
+    if q.shape[0] > nd:
+        rows = meta.token_to_seq[nd:] - nd
+        cols = meta.token_offsets[nd:]
+        num_prefills = meta.seq_lens.shape[0] - nd
+        padded = q.new_zeros(num_prefills, meta.max_query_len, *q.shape[1:])
+        padded[rows, cols] = q[nd:]
+        out = _attend_group(
+            padded, kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
+            meta.query_lens[nd:], scale, sliding_window,
+        )
+        outputs.append(out[rows, cols])
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the paged KV cache. The runtime binds `kv_cache` (one
+    [2, num_blocks, block_size, Hkv, D] tensor per layer) before the first step."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.kv_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        out = paged_attention(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
+        return out.flatten(1)
