@@ -1,0 +1,185 @@
+"""The LLM class: vLLM's offline API over kiln's engine."""
+
+import difflib
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .resolve import resolve_model
+from .runtime.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_dtype,
+    resolve_max_model_len,
+)
+from .runtime.engine import Engine
+from .runtime.outputs import RequestOutput
+from .runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger("kiln")
+
+# vLLM arguments whose feature comes in a later kiln release: accepted at their default only.
+_NOT_YET = {
+    "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+    "data_parallel_size": 1,
+    "quantization": None,
+    "enable_expert_parallel": False,
+}
+
+
+def _reject_unknown(kwargs: dict, known: Sequence[str]) -> None:
+    for name, value in kwargs.items():
+        if name in _NOT_YET:
+            if value != _NOT_YET[name]:
+                raise ValueError(f"{name}={value!r} is not supported yet")
+            continue
+        close = difflib.get_close_matches(name, list(known) + list(_NOT_YET), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"LLM() got an unknown argument {name!r}{hint}")
+
+
+PromptType = str | dict
+
+
+class LLM:
+    """Generate text from a model, the way vLLM's offline `LLM` does.
+
+    `LLM()` loads the embedded SmolLM2-135M-Instruct; `model` also takes a Hugging Face folder,
+    a .gguf file or a hub id."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        tokenizer_mode: str = "auto",
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
+        dtype: str | torch.dtype = "auto",
+        seed: int = 0,
+        revision: str | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory: int | None = None,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        **kwargs,
+    ):
+        _reject_unknown(kwargs, list(inspect.signature(LLM.__init__).parameters)[1:-1])
+        from .models.loader import read_config
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        folder = resolve_model(model, revision)
+        hf_config = read_config(folder)
+        tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
+        if trust_remote_code:
+            logger.info("trust_remote_code=True: kiln never runs a repository's code; "
+                        "it builds only the architectures it implements")
+        max_len = resolve_max_model_len(max_model_len, hf_config)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(8192 if device.type == "cuda" else 2048, max_num_seqs)
+        checkpoint_dtype = getattr(hf_config, "dtype", None) or torch.float32
+        if isinstance(checkpoint_dtype, str):
+            checkpoint_dtype = getattr(torch, checkpoint_dtype)
+        self.config = EngineConfig(
+            model=ModelConfig(
+                path=str(folder), hf_config=hf_config, tokenizer=str(tokenizer_folder),
+                tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
+                dtype=resolve_dtype(dtype, checkpoint_dtype, device),
+                max_model_len=max_len, seed=seed,
+            ),
+            cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,
+                              enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            device=device,
+            enforce_eager=enforce_eager,
+        )
+        if not enforce_eager:
+            logger.warning("compiled mode is not implemented yet: running the eager path")
+        self.engine = Engine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is an empty string")
+            if self.engine.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; with skip_tokenizer_init=True "
+                                 "pass {'prompt_token_ids': [...]}")
+            return prompt, self.engine.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise TypeError(f"prompt_token_ids must be a list of ints, got "
+                                    f"{type(ids).__name__}")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys "
+                             f"{sorted(prompt)}")
+        raise TypeError(f"a prompt must be a string, or a dict with 'prompt' or "
+                        f"'prompt_token_ids'; got {type(prompt).__name__}")
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
+                 ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a string, a dict or a list of them, got "
+                            f"{type(prompts).__name__}")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling params for "
+                                 f"{len(prompts)} prompts; pass one or one per prompt")
+            params = list(sampling_params)
+        else:
+            raise TypeError(f"sampling_params must be SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
+        if any(not isinstance(p, SamplingParams) for p in params):
+            raise TypeError("every entry of sampling_params must be a SamplingParams")
+        # Check every request before admitting any, so a bad one leaves the engine idle.
+        tokenized = [self._tokenize(p) for p in prompts]
+        for (_, ids), p in zip(tokenized, params):
+            self.engine.check_request(ids, p)
+        requests = [self.engine.add_request(text, ids, p) for (text, ids), p in
+                    zip(tokenized, params)]
+        try:
+            self._run(len(requests), use_tqdm)
+        finally:
+            if self.engine.has_unfinished:  # an exception interrupted the loop
+                self.engine.abort_all()
+        return [self.engine.to_output(r) for r in requests]
+
+    def _run(self, num_requests: int, use_tqdm: bool) -> None:
+        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        start = time.perf_counter()
+        num_input = num_output = 0
+        with bar:
+            while self.engine.has_unfinished:
+                finished = self.engine.step()
+                if finished and use_tqdm:
+                    elapsed = time.perf_counter() - start
+                    num_input += sum(r.num_prompt_tokens for r in finished)
+                    num_output += sum(r.num_output_tokens for r in finished)
+                    bar.set_postfix_str(f"est. speed input: {num_input / elapsed:.2f} toks/s, "
+                                        f"output: {num_output / elapsed:.2f} toks/s",
+                                        refresh=False)
+                    bar.update(len(finished))

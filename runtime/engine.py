@@ -1,0 +1,169 @@
+"""The engine loop: admit requests, schedule a step, run it, turn tokens into outputs."""
+
+import itertools
+import json
+import logging
+import random
+from pathlib import Path
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, find_stop_string
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, Logprob, RequestOutput
+from .request import Request
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+logger = logging.getLogger("kiln")
+
+
+def load_tokenizer(config: EngineConfig):
+    from transformers import AutoTokenizer
+
+    mc = config.model
+    try:
+        return AutoTokenizer.from_pretrained(mc.tokenizer, use_fast=mc.tokenizer_mode != "slow",
+                                             trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot load the tokenizer from {mc.tokenizer}: {e}") from e
+
+
+def _eos_token_ids(config: EngineConfig, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and from generation_config.json, as vLLM stops on both."""
+    ids = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    path = Path(config.model.path) / "generation_config.json"
+    if path.is_file():
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if not ids and getattr(config.model.hf_config, "eos_token_id", None) is not None:
+        eos = config.model.hf_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return ids
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config)
+        self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens)
+        self.rng = random.Random(config.model.seed)
+        self.request_counter = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request can never be served; admits nothing."""
+        max_len = self.config.model.max_model_len
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty (it has no tokens)")
+        vocab = self.config.model.vocab_size
+        bad = [t for t in prompt_token_ids
+               if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {vocab})")
+        if len(prompt_token_ids) > max_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, longer than "
+                             f"max_model_len={max_len}")
+        if params.detokenize and self.tokenizer is None and (params.stop_strings):
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
+
+    def add_request(self, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> Request:
+        self.check_request(prompt_token_ids, params)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
+        req = Request(str(next(self.request_counter)), prompt, prompt_token_ids, params, seed,
+                      stop_ids)
+        if params.detokenize and self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                                     params.skip_special_tokens)
+        self.scheduler.add(req)
+        self.num_prompt_tokens += len(prompt_token_ids)
+        return req
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[Request]:
+        """Run one scheduled batch; return the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            raise RuntimeError("the scheduler could not fit any request in the KV cache")
+        rows, out = self.runner.execute(batch)
+        for req, n in zip(batch.requests, batch.num_scheduled_tokens):
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+        if out is None:
+            return []
+        tokens = out.token_ids.tolist()
+        logprobs = [t.tolist() for t in out.logprobs] if out.logprobs is not None else None
+        finished = []
+        for i, row in enumerate(rows):
+            req = batch.requests[row]
+            self._append_token(req, tokens[i], logprobs and [lp[i] for lp in logprobs])
+            if req.finish_reason is not None:
+                self.scheduler.finish(req)
+                finished.append(req)
+        return finished
+
+    def _append_token(self, req: Request, token: int, logprobs: list | None) -> None:
+        req.token_ids.append(token)
+        self.num_generation_tokens += 1
+        params = req.params
+        if logprobs is not None and params.logprobs is not None:
+            top_ids, top_values, chosen, rank = logprobs
+            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
+            for r, (t, v) in enumerate(zip(top_ids[:params.logprobs], top_values)):
+                entry.setdefault(t, Logprob(v, r + 1, self._decode_one(t)))
+            req.logprobs.append(entry)
+            req.cumulative_logprob += chosen
+        num_new_chars = 0
+        if req.detokenizer is not None:
+            new_text = req.detokenizer.add(token)
+            req.text += new_text
+            num_new_chars = len(new_text)
+        can_stop = req.num_output_tokens >= params.min_tokens
+        if can_stop and token in req.stop_token_ids:
+            req.finish_reason = "stop"
+            req.stop_reason = token if token in params.stop_token_ids else None
+            return
+        stop = find_stop_string(req, num_new_chars) if can_stop else None
+        if stop is not None:
+            req.stop_reason, end = stop
+            req.text = req.text[:end]
+            req.finish_reason = "stop"
+        elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) \
+                or req.num_tokens >= self.config.model.max_model_len:
+            req.finish_reason = "length"
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def abort_all(self) -> None:
+        self.scheduler.abort_all()
+
+    def to_output(self, req: Request) -> RequestOutput:
+        params = req.params
+        completion = CompletionOutput(
+            index=0,
+            text=req.text,
+            token_ids=req.output_token_ids,
+            cumulative_logprob=req.cumulative_logprob if params.logprobs is not None else None,
+            logprobs=req.logprobs if params.logprobs is not None else None,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
+                             req.is_finished)

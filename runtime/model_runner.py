@@ -1,0 +1,165 @@
+"""Turns a scheduled batch into flat tensors, runs the model, and samples.
+
+Input preparation works on whole-batch numpy arrays: the Python work per step is one slice
+per request (its new tokens and its block ids), never one operation per token."""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models import AttentionMetadata
+from ..models.loader import build_model, load_weights
+from .config import EngineConfig
+from .sampler import SamplerOutput, SamplingBatch, sample
+from .scheduler import ScheduledBatch
+
+logger = logging.getLogger("kiln")
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states that produce a next token
+    sampling_rows: list[int]  # which batch entries those are
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.device
+        self.block_size = config.cache.block_size
+        hf = config.model.hf_config
+        start = time.perf_counter()
+        self.model = build_model(hf, config.model.dtype, self.device)
+        load_weights(self.model, config.model.path)
+        logger.info("loaded %s (%s) in %.1f s", config.model.path, config.model.dtype,
+                    time.perf_counter() - start)
+        layers = self.model.attention_layers()
+        attn = layers[0]
+        self.bytes_per_block = (2 * len(layers) * self.block_size * attn.num_kv_heads
+                                * attn.head_dim * config.model.dtype.itemsize)
+        self.num_blocks = self._num_kv_blocks()
+        cache = torch.empty(len(layers), 2, self.num_blocks, self.block_size,
+                            attn.num_kv_heads, attn.head_dim, dtype=config.model.dtype,
+                            device=self.device)
+        for layer, kv in zip(layers, cache):
+            layer.kv_cache = kv
+        max_len = config.model.max_model_len
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); %.1f requests "
+                    "of max_model_len=%d fit at once", self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size, cache.numel() * cache.element_size() / 2**30,
+                    self.num_blocks * self.block_size / max_len, max_len)
+
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        memory = cache.kv_cache_memory
+        if memory is None and self.device.type == "cuda":
+            memory = self._free_cuda_memory_after_profile()
+        elif memory is None:
+            memory = cache.DEFAULT_CPU_KV_CACHE_MEMORY
+        num_blocks = memory // self.bytes_per_block
+        needed = -(-self.config.model.max_model_len // self.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache ({memory} bytes, {num_blocks} blocks) cannot hold one request "
+                f"of max_model_len={self.config.model.max_model_len} ({needed} blocks); raise "
+                f"kv_cache_memory / gpu_memory_utilization or lower max_model_len")
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _free_cuda_memory_after_profile(self) -> int:
+        """Run the largest prefill the scheduler can send, then give the KV cache what is left
+        of the `gpu_memory_utilization` share of the device."""
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens,
+                         self.config.model.max_model_len)
+        layers = self.model.attention_layers()
+        num_blocks = -(-num_tokens // self.block_size)
+        scratch = torch.empty(2, num_blocks, self.block_size, layers[0].num_kv_heads,
+                              layers[0].head_dim, dtype=self.config.model.dtype,
+                              device=self.device)
+        for layer in layers:
+            layer.kv_cache = scratch
+        torch.cuda.reset_peak_memory_stats(self.device)
+        batch_inputs = self._prepare(
+            token_ids=[np.zeros(num_tokens, dtype=np.int64)],
+            starts=np.zeros(1, dtype=np.int64), num_scheduled=np.array([num_tokens]),
+            block_tables=[list(range(num_blocks))], num_decodes=0, sampling_rows=[0])
+        hidden = self.model(batch_inputs.input_ids, batch_inputs.positions, batch_inputs.meta)
+        self.model.compute_logits(hidden[batch_inputs.logits_indices])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free = int(total * self.config.cache.gpu_memory_utilization) - peak
+        if free <= 0:
+            raise ValueError(f"no GPU memory left for the KV cache: the model peaks at "
+                             f"{peak / 2**30:.2f} GiB of the {total / 2**30:.2f} GiB allowed by "
+                             f"gpu_memory_utilization={self.config.cache.gpu_memory_utilization}")
+        return free
+
+    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
+        reqs = batch.requests
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, len(reqs))
+        num_scheduled = np.asarray(batch.num_scheduled_tokens, dtype=np.int64)
+        token_ids = [r.token_ids[s:s + n] for r, s, n in zip(reqs, starts.tolist(),
+                                                              num_scheduled.tolist())]
+        ends = starts + num_scheduled
+        sampling_rows = [i for i, (r, e) in enumerate(zip(reqs, ends.tolist()))
+                         if e == r.num_tokens]
+        return self._prepare(token_ids, starts, num_scheduled, [r.block_ids for r in reqs],
+                             batch.num_decodes, sampling_rows)
+
+    def _prepare(self, token_ids, starts, num_scheduled, block_tables, num_decodes,
+                 sampling_rows) -> ModelInputs:
+        num_seqs = len(block_tables)
+        bs = self.block_size
+        seq_lens = starts + num_scheduled
+        cu = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(num_scheduled, out=cu[1:])
+        token_to_seq = np.repeat(np.arange(num_seqs), num_scheduled)
+        token_offsets = np.arange(cu[-1]) - cu[token_to_seq]
+        positions = starts[token_to_seq] + token_offsets
+        width = -(-int(seq_lens.max()) // bs)
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
+        for row, ids in enumerate(block_tables):
+            tables[row, : len(ids)] = ids
+        slot_mapping = tables[token_to_seq, positions // bs] * bs + positions % bs
+        prefill_lens = num_scheduled[num_decodes:]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping),
+            seq_lens=self._tensor(seq_lens),
+            query_lens=self._tensor(num_scheduled),
+            block_tables=self._tensor(tables),
+            token_to_seq=self._tensor(token_to_seq),
+            token_offsets=self._tensor(token_offsets),
+            num_decodes=num_decodes,
+            max_query_len=int(prefill_lens.max()) if len(prefill_lens) else 0,
+        )
+        return ModelInputs(
+            input_ids=self._tensor(np.concatenate(token_ids)),
+            positions=self._tensor(positions),
+            meta=meta,
+            logits_indices=self._tensor(cu[1:][sampling_rows] - 1),
+            sampling_rows=sampling_rows,
+        )
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
+        """Run one step; return the batch rows that produced a token and their sample."""
+        inputs = self.prepare_inputs(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if not inputs.sampling_rows:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        reqs = [batch.requests[i] for i in inputs.sampling_rows]
+        sampling = SamplingBatch.from_requests(reqs, logits.shape[-1], self.device)
+        return inputs.sampling_rows, sample(logits, sampling)

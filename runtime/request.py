@@ -1,0 +1,58 @@
+"""A request's state: a few stored facts, everything else derived from them."""
+
+import enum
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, seed: int, stop_token_ids: set[int]):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.seed = seed  # the user's seed, or one drawn from the engine's seeded generator
+        self.stop_token_ids = stop_token_ids  # EOS (unless ignored) and the user's stop ids
+        self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # hashes of the full blocks registered so far
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict] = []
+        self.cumulative_logprob = 0.0
+        self.text = ""
+        self.num_preemptions = 0
+        self.detokenizer = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

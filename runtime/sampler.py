@@ -1,0 +1,155 @@
+"""Token selection for one step, vectorised over the batch with no host sync inside.
+
+Random choice uses the Gumbel-max trick (argmax of probs / Exponential noise) with noise from
+a counter-based hash of (request seed, step, token id). A seeded request therefore draws the
+same tokens whatever else is in the batch, and no per-request generator objects exist."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Request
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds). Inputs and constants stay below
+    2**32 and 2**31, so the int64 products never overflow."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] Exponential(1) samples determined by each row's (seed, step)."""
+    row = _mix32(_mix32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
+    row = _mix32(row ^ _mix32(steps & _MASK32))
+    col = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x9E3779B9 & _MASK32)
+    bits = _mix32(row[:, None] ^ col[None, :]) >> 8  # 24 bits: exact in float32
+    uniform = (bits.float() + 0.5) / float(1 << 24)
+    return -torch.log(uniform)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as tensors, built once per step from the requests."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    min_p: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    is_all_greedy: bool
+    needs_filter: bool
+    penalties: tuple | None  # (presence, frequency, repetition, output_counts, seen_mask)
+    blocked: tuple | None  # (rows, token ids) that may not be sampled yet (min_tokens)
+    num_logprobs: int  # largest top-k logprobs asked in the batch, -1 for none
+
+    @classmethod
+    def from_requests(cls, requests: list[Request], vocab_size: int,
+                      device: torch.device) -> "SamplingBatch":
+        params = [r.params for r in requests]
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        penalties = None
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+               for p in params):
+            penalties = (
+                column([p.presence_penalty for p in params], torch.float32),
+                column([p.frequency_penalty for p in params], torch.float32),
+                column([p.repetition_penalty for p in params], torch.float32),
+                _token_counts([r.output_token_ids for r in requests], vocab_size, device),
+                _token_counts([r.token_ids for r in requests], vocab_size, device) > 0,
+            )
+        blocked_rows, blocked_ids = [], []
+        for row, req in enumerate(requests):
+            if req.num_output_tokens < req.params.min_tokens:
+                blocked_rows += [row] * len(req.stop_token_ids)
+                blocked_ids += sorted(req.stop_token_ids)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            temperature=column([p.temperature for p in params], torch.float32),
+            top_p=column([p.top_p for p in params], torch.float32),
+            top_k=column(top_k, torch.int64),
+            min_p=column([p.min_p for p in params], torch.float32),
+            seeds=column([r.seed for r in requests], torch.int64),
+            steps=column([r.num_output_tokens for r in requests], torch.int64),
+            is_all_greedy=all(p.is_greedy for p in params),
+            needs_filter=any(p.top_p < 1 or 1 < k < vocab_size or p.min_p > 0
+                             for p, k in zip(params, top_k)),
+            penalties=penalties,
+            blocked=(column(blocked_rows, torch.int64), column(blocked_ids, torch.int64))
+            if blocked_rows else None,
+            num_logprobs=max(logprobs, default=-1),
+        )
+
+
+def _token_counts(seqs: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    padded = torch.full((len(seqs), width), vocab_size, dtype=torch.int64)
+    for row, s in enumerate(seqs):
+        padded[row, : len(s)] = torch.tensor(s, dtype=torch.int64)
+    counts = torch.zeros(len(seqs), vocab_size + 1, dtype=torch.float32)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size].to(device)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B]
+    logprobs: tuple | None  # (top ids [B, k], top logprobs [B, k], sampled logprob [B], rank [B])
+
+
+def _apply_penalties(logits: torch.Tensor, penalties: tuple) -> torch.Tensor:
+    presence, frequency, repetition, counts, seen = penalties
+    rep = repetition[:, None].expand_as(logits)
+    scaled = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, scaled, logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+
+
+def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+            min_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k, top-p nucleus or min-p floor to -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    drop = ranks[None, :] >= top_k[:, None]
+    probs = sorted_logits.softmax(-1)
+    drop |= (probs.cumsum(-1) - probs) > top_p[:, None]  # keeps the first token always
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """logits: [B, V] float32 for the rows that sample this step."""
+    raw = logits
+    if batch.penalties is not None:
+        logits = _apply_penalties(logits, batch.penalties)
+    if batch.blocked is not None:
+        logits = logits.index_put(batch.blocked, torch.tensor(float("-inf")))
+    tokens = logits.argmax(-1)
+    if not batch.is_all_greedy:
+        is_greedy = (batch.temperature == 0) | (batch.top_k == 1)
+        temperature = torch.where(is_greedy, 1.0, batch.temperature)
+        scaled = logits / temperature[:, None]
+        if batch.needs_filter:
+            scaled = _filter(scaled, batch.top_k, batch.top_p, batch.min_p)
+        noise = exponential_noise(batch.seeds, batch.steps, logits.shape[-1])
+        sampled = (scaled.softmax(-1) / noise).argmax(-1)
+        tokens = torch.where(is_greedy, tokens, sampled)
+    logprobs = None
+    if batch.num_logprobs >= 0:
+        all_logprobs = raw.log_softmax(-1)
+        top = all_logprobs.topk(batch.num_logprobs, dim=-1)
+        chosen = all_logprobs.gather(1, tokens[:, None])[:, 0]
+        rank = (all_logprobs > chosen[:, None]).sum(-1) + 1
+        logprobs = (top.indices, top.values, chosen, rank)
+    return SamplerOutput(tokens, logprobs)
