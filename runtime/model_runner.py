@@ -44,7 +44,9 @@ class ModelRunner:
         self.bytes_per_block = (2 * len(layers) * self.block_size * attn.num_kv_heads
                                 * attn.head_dim * config.model.dtype.itemsize)
         self.num_blocks = self._num_kv_blocks()
-        cache = torch.empty(len(layers), 2, self.num_blocks, self.block_size,
+        # Zeroed, not empty: attention reads whole blocks and masks the unwritten slots, and
+        # a NaN left in freed memory would survive the mask (NaN * 0 is NaN).
+        cache = torch.zeros(len(layers), 2, self.num_blocks, self.block_size,
                             attn.num_kv_heads, attn.head_dim, dtype=config.model.dtype,
                             device=self.device)
         for layer, kv in zip(layers, cache):
@@ -79,7 +81,7 @@ class ModelRunner:
                          self.config.model.max_model_len)
         layers = self.model.attention_layers()
         num_blocks = -(-num_tokens // self.block_size)
-        scratch = torch.empty(2, num_blocks, self.block_size, layers[0].num_kv_heads,
+        scratch = torch.zeros(2, num_blocks, self.block_size, layers[0].num_kv_heads,
                               layers[0].head_dim, dtype=self.config.model.dtype,
                               device=self.device)
         for layer in layers:

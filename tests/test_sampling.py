@@ -1,0 +1,156 @@
+"""Sampling: seeds, greedy equivalences, filters, penalties, logprobs, stop conditions."""
+
+import torch
+from conftest import assert_all_blocks_free, random_prompts, tiny_llm, token_prompts
+
+from kiln import SamplingParams
+from kiln.runtime.sampler import exponential_noise
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_batches(tiny_llama):
+    prompts = random_prompts(6, seed=7)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=123, ignore_eos=True)
+    llm = tiny_llm(tiny_llama[0])
+    alone = tokens(llm.generate(token_prompts(prompts[:1]), params, use_tqdm=False))
+    again = tokens(llm.generate(token_prompts(prompts[:1]), params, use_tqdm=False))
+    # Same request inside a batch of others with different settings.
+    others = [SamplingParams(temperature=0.7, top_k=5, max_tokens=7, ignore_eos=True)] * 5
+    mixed = tokens(llm.generate(token_prompts(prompts), [params] + others, use_tqdm=False))
+    fresh = tokens(tiny_llm(tiny_llama[0]).generate(token_prompts(prompts[:1]), params,
+                                                    use_tqdm=False))
+    assert alone == again == mixed[:1] == fresh
+    assert_all_blocks_free(llm)
+
+
+def test_different_seeds_differ_and_unseeded_follows_llm_seed(tiny_llama):
+    prompts = token_prompts(random_prompts(1, seed=8))
+    llm = tiny_llm(tiny_llama[0])
+    draws = {tuple(tokens(llm.generate(prompts, SamplingParams(
+        temperature=1.5, max_tokens=10, seed=s, ignore_eos=True), use_tqdm=False))[0])
+        for s in range(5)}
+    assert len(draws) == 5
+    unseeded = SamplingParams(temperature=1.5, max_tokens=10, ignore_eos=True)
+    a = tokens(tiny_llm(tiny_llama[0], seed=1).generate(prompts, unseeded, use_tqdm=False))
+    b = tokens(tiny_llm(tiny_llama[0], seed=1).generate(prompts, unseeded, use_tqdm=False))
+    assert a == b
+
+
+def test_top_k_one_and_temperature_zero_equal_greedy(tiny_llama):
+    prompts = token_prompts(random_prompts(4, seed=9))
+    llm = tiny_llm(tiny_llama[0])
+    greedy = tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
+                                                         ignore_eos=True), use_tqdm=False))
+    top1 = tokens(llm.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_tokens=8,
+                                                       seed=5, ignore_eos=True), use_tqdm=False))
+    assert greedy == top1
+
+
+def test_top_k_restricts_every_token_to_the_k_most_likely(tiny_llama):
+    """With logprobs=k, the sampled token must be one of the k returned (rank <= k)."""
+    llm = tiny_llm(tiny_llama[0])
+    outs = llm.generate(token_prompts(random_prompts(4, seed=10)),
+                        SamplingParams(temperature=2.0, top_k=3, logprobs=3, max_tokens=12,
+                                       seed=0, ignore_eos=True), use_tqdm=False)
+    for out in outs:
+        for token, entry in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+            assert entry[token].rank <= 3
+
+
+def test_noise_is_exponential_and_depends_on_seed_and_step():
+    seeds = torch.tensor([1, 1, 2], dtype=torch.int64)
+    steps = torch.tensor([0, 1, 0], dtype=torch.int64)
+    noise = exponential_noise(seeds, steps, 50000)
+    assert (noise > 0).all()
+    assert abs(noise.mean().item() - 1.0) < 0.02
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(noise[0], exponential_noise(seeds[:1], steps[:1], 50000)[0])
+
+
+def test_sampling_frequencies_follow_softmax(tiny_llama):
+    """Many seeded one-token draws: the empirical distribution matches softmax(logits/T)."""
+    _, hf = tiny_llama
+    prompt = random_prompts(1, seed=11)[0]
+    with torch.no_grad():
+        probs = (hf(torch.tensor([prompt])).logits[0, -1] / 0.5).softmax(-1)
+    llm = tiny_llm(tiny_llama[0])
+    n = 400
+    params = [SamplingParams(temperature=0.5, max_tokens=1, seed=s) for s in range(n)]
+    outs = llm.generate(token_prompts([prompt] * n), params, use_tqdm=False)
+    counts = torch.bincount(torch.tensor([o.outputs[0].token_ids[0] for o in outs]),
+                            minlength=probs.numel()).float()
+    assert (counts / n - probs).abs().max().item() < 0.08
+
+
+def test_logprobs_match_log_softmax_of_transformers(tiny_llama):
+    folder, hf = tiny_llama
+    prompt = random_prompts(1, seed=12)[0]
+    llm = tiny_llm(folder)
+    out = llm.generate({"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0.8, seed=3, logprobs=2, max_tokens=6,
+                                      ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].log_softmax(-1)
+    total = 0.0
+    for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert abs(entry[token].logprob - row[token].item()) <= 1e-3
+        top = row.topk(2)
+        for rank, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()), 1):
+            assert entry[t].rank == rank and abs(entry[t].logprob - v) <= 1e-3
+        total += entry[token].logprob
+    assert abs(out.cumulative_logprob - total) < 1e-6
+
+
+def test_penalties_change_greedy_choice_as_vllm_defines(tiny_llama):
+    """Repetition penalty divides positive logits of seen tokens: a strong one stops the tiny
+    model's greedy loops, and the chosen token is the argmax of the penalised logits."""
+    folder, hf = tiny_llama
+    prompt = random_prompts(1, seed=13)[0]
+    llm = tiny_llm(folder)
+    params = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=3.0,
+                            frequency_penalty=0.5, presence_penalty=0.5, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for token in out.token_ids:
+            logits = hf(torch.tensor([ids])).logits[0, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[ids] = True
+            counts = torch.bincount(torch.tensor(ids[len(prompt):], dtype=torch.long),
+                                    minlength=logits.numel()).float()
+            logits = torch.where(seen, torch.where(logits > 0, logits / 3, logits * 3), logits)
+            logits = logits - 0.5 * counts - 0.5 * (counts > 0).float()
+            assert token == int(logits.argmax())
+            ids.append(token)
+
+
+def test_stop_token_ids_and_min_tokens(tiny_llama):
+    folder, _ = tiny_llama
+    llm = tiny_llm(folder)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=14)[0]}
+    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = free[3]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                              stop_token_ids=[stop_at]),
+                       use_tqdm=False)[0].outputs[0]
+    first = free.index(stop_at)
+    assert out.token_ids == free[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    # min_tokens keeps the stop token from being sampled until enough tokens exist.
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                              stop_token_ids=[stop_at], min_tokens=first + 2),
+                       use_tqdm=False)[0].outputs[0]
+    assert stop_at not in out.token_ids[:first + 2]
+
+
+def test_garbage_in_reused_memory_does_not_reach_attention(tiny_llama):
+    """Attention reads whole blocks and masks unwritten slots; the cache must not start with
+    whatever a freed allocation left behind (NaN survives masking)."""
+    llm = tiny_llm(tiny_llama[0])
+    for layer in llm.engine.runner.model.attention_layers():
+        assert torch.count_nonzero(layer.kv_cache) == 0
