@@ -13,16 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _check_shape(param: nn.Parameter, loaded: torch.Tensor, expected: tuple, what: str) -> None:
+def _check_shape(loaded: torch.Tensor, expected: tuple, where: str = "") -> None:
     if tuple(loaded.shape) != tuple(expected):
-        raise ValueError(
-            f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, "
-            f"the model expects {tuple(expected)}"
-        )
+        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, the model "
+                         f"expects {tuple(expected)}{where}")
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-    _check_shape(param, loaded, param.shape, "weight")
+    _check_shape(loaded, param.shape)
     param.data.copy_(loaded)
 
 
@@ -60,7 +58,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         target = param.data[self.shard_slice(shard_id)]
-        _check_shape(param, loaded, target.shape, f"shard {shard_id}")
+        _check_shape(loaded, target.shape, f" for shard {shard_id!r} of the fused weight")
         target.copy_(loaded)
 
 
@@ -127,9 +125,8 @@ def rope_inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
     """Inverse frequencies for rotary embeddings, with linear or Llama-3 scaling."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
+        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     base = float(rope.get("rope_theta", 10000.0))
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if rope_type == "linear":

@@ -60,7 +60,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.tokenizer_mode not in ("auto", "slow"):
-            raise ValueError(f"tokenizer_mode must be 'auto' or 'slow', got {self.tokenizer_mode!r}")
+            raise ValueError(
+                f"tokenizer_mode must be 'auto' or 'slow', got {self.tokenizer_mode!r}")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
 
