@@ -45,7 +45,7 @@ def _reject_unknown(kwargs: dict, known: Sequence[str]) -> None:
         raise TypeError(f"LLM() got an unknown argument {name!r}{hint}")
 
 
-PromptType = str | dict
+_CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class LLM:
@@ -166,6 +166,47 @@ class LLM:
             if self.engine.has_unfinished:  # an exception interrupted the loop
                 self.engine.abort_all()
         return [self.engine.to_output(r) for r in requests]
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None
+             ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or a
+        list of them, rendered with the model's chat template (or `chat_template`)."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages must be a non-empty list of messages or of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = [self._render_chat(c, chat_template, add_generation_prompt,
+                                     continue_final_message, chat_template_kwargs or {})
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _render_chat(self, conversation, chat_template, add_generation_prompt,
+                     continue_final_message, kwargs) -> dict:
+        from jinja2 import TemplateError
+
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise TypeError("a conversation must be a non-empty list of messages")
+        for message in conversation:
+            if not isinstance(message, dict) or "role" not in message:
+                raise TypeError(f"a message must be a dict with 'role' and 'content', got "
+                                f"{message!r}")
+            if message["role"] not in _CHAT_ROLES:
+                raise ValueError(f"unknown role {message['role']!r} in a chat message; "
+                                 f"known roles: {', '.join(_CHAT_ROLES)}")
+        try:
+            text = tokenizer.apply_chat_template(
+                list(conversation), chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **kwargs)
+        except (TemplateError, ValueError) as e:
+            raise ValueError(f"the chat template rejected the conversation: {e}") from e
+        # The template already wrote any BOS token; tokenizing must not add another.
+        return {"prompt": text,
+                "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
     def _run(self, num_requests: int, use_tqdm: bool) -> None:
         bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True,
