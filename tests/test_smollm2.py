@@ -70,8 +70,10 @@ def test_batched_chat_in_order_and_bad_roles(smollm2):
     assert "4" in outs[1].outputs[0].text
     with pytest.raises(ValueError, match="unknown role 'wizard'"):
         smollm2.chat([{"role": "wizard", "content": "hi"}])
-    with pytest.raises(TypeError, match="a message must be a dict"):
+    with pytest.raises(TypeError, match="a conversation must be a non-empty list"):
         smollm2.chat(["hi"])
+    with pytest.raises(TypeError, match="a message must be a dict"):
+        smollm2.chat([[{"role": "user", "content": "hi"}, "hi"]])
 
 
 def test_stop_string_cuts_text_before_it(smollm2):
