@@ -88,3 +88,12 @@ def assert_all_blocks_free(llm: LLM) -> None:
 def smollm2():
     """The real embedded SmolLM2-135M-Instruct (converted once into the kiln cache)."""
     return LLM(enforce_eager=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,31 @@
+"""The same checks on a GPU: kiln on CUDA against transformers on the CPU (same weights)."""
+
+import pytest
+import torch
+from conftest import assert_all_blocks_free, hf_greedy, random_prompts, token_prompts
+
+from kiln import LLM, SamplingParams
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+def test_greedy_on_cuda_matches_transformers(tiny_models, arch):
+    folder, hf = tiny_models[arch]
+    llm = LLM(str(folder), skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+              gpu_memory_utilization=0.3)
+    assert llm.engine.runner.device.type == "cuda"
+    prompts = random_prompts(8, seed=21)
+    outs = llm.generate(token_prompts(prompts), SamplingParams(temperature=0, max_tokens=8,
+                                                               ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 8)
+    assert_all_blocks_free(llm)
+
+
+def test_kv_cache_sized_from_gpu_memory(tiny_llama):
+    llm = LLM(str(tiny_llama[0]), skip_tokenizer_init=True, enforce_eager=True,
+              gpu_memory_utilization=0.2)
+    runner = llm.engine.runner
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0 < runner.num_blocks * runner.bytes_per_block <= 0.2 * total
