@@ -4,7 +4,7 @@ Architectures are imported lazily: naming one here costs nothing until it is bui
 
 import importlib
 
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, attention_context
 
 # Hugging Face `architectures` entry -> (module in this package, class name).
 ARCHITECTURES = {
@@ -29,4 +29,5 @@ def model_class(architecture: str) -> type:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["ARCHITECTURES", "AttentionMetadata", "model_class", "supported_architectures"]
+__all__ = ["ARCHITECTURES", "AttentionMetadata", "attention_context", "model_class",
+           "supported_architectures"]

@@ -1,12 +1,18 @@
 """Paged attention: the metadata the runtime fills each step, and a torch implementation
 that writes new K/V through `slot_mapping` and reads the context through block tables.
 
+The attention call is the custom op `kiln::paged_attention`, opaque to torch.compile: the
+compiler splits the model's graph there, and the traced graph depends only on the number of
+tokens. The op reads the step's metadata from `attention_context`, entered once per step by
+the runtime, so the metadata's shapes and host integers never become part of a graph.
+
 A batch is flat: `T` tokens from `B` sequences, decodes (one token each) first, then
 prefill chunks. Decodes attend as one group with a query length of one; prefill chunks are
 scattered into a padded [num_prefills, max_query_len] layout and attend as a second group,
 so one long prompt never pads every decode to its length.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +61,48 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     return out.transpose(1, 2)
 
 
+_current: list[AttentionMetadata] = []
+
+
+@contextlib.contextmanager
+def attention_context(meta: AttentionMetadata):
+    """Make `meta` the metadata every attention layer reads during one forward pass."""
+    if _current:
+        raise RuntimeError("attention_context does not nest: one forward pass at a time")
+    _current.append(meta)
+    try:
+        yield meta
+    finally:
+        _current.pop()
+
+
+def current_metadata() -> AttentionMetadata:
+    if not _current:
+        raise RuntimeError("attention ran outside attention_context: the runtime must enter "
+                           "it around each forward pass")
+    return _current[0]
+
+
+@torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
+def paged_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_cache: torch.Tensor, scale: float, sliding_window: int) -> torch.Tensor:
+    """q: [T', Hq, D], k/v: [T', Hkv, D] -> [T', Hq, D]. T' may exceed the step's real token
+    count (padding up to a compiled size): padded rows are neither written nor attended, and
+    come back as zeros. `sliding_window` 0 means none."""
+    meta = current_metadata()
+    num_tokens = meta.slot_mapping.shape[0]
+    out = paged_attention(q[:num_tokens], k[:num_tokens], v[:num_tokens], kv_cache, meta,
+                          scale, sliding_window or None)
+    if num_tokens == q.shape[0]:
+        return out
+    return torch.cat([out, out.new_zeros(q.shape[0] - num_tokens, *out.shape[1:])])
+
+
+@paged_attention_op.register_fake
+def _(q, k, v, kv_cache, scale, sliding_window):
+    return torch.empty_like(q)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
@@ -95,7 +143,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        out = paged_attention(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.kiln.paged_attention(q, k, v, self.kv_cache, self.scale,
+                                             self.sliding_window or 0)
         return out.flatten(1)

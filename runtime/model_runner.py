@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models import AttentionMetadata
+from ..models import AttentionMetadata, attention_context
 from ..models.loader import build_model, load_weights
 from .config import EngineConfig
 from .sampler import SamplerOutput, SamplingBatch, sample
@@ -91,7 +91,8 @@ class ModelRunner:
             token_ids=[np.zeros(num_tokens, dtype=np.int64)],
             starts=np.zeros(1, dtype=np.int64), num_scheduled=np.array([num_tokens]),
             block_tables=[list(range(num_blocks))], num_decodes=0, sampling_rows=[0])
-        hidden = self.model(batch_inputs.input_ids, batch_inputs.positions, batch_inputs.meta)
+        with attention_context(batch_inputs.meta):
+            hidden = self.model(batch_inputs.input_ids, batch_inputs.positions)
         self.model.compute_logits(hidden[batch_inputs.logits_indices])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -158,7 +159,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
         """Run one step; return the batch rows that produced a token and their sample."""
         inputs = self.prepare_inputs(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        with attention_context(inputs.meta):
+            hidden = self.model(inputs.input_ids, inputs.positions)
         if not inputs.sampling_rows:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

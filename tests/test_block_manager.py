@@ -2,10 +2,10 @@
 and eviction order."""
 
 import pytest
-from kiln.runtime.block_manager import BlockManager
-from kiln.runtime.request import Request
 
 from kiln import SamplingParams
+from kiln.runtime.block_manager import BlockManager
+from kiln.runtime.request import Request
 
 
 def req(tokens, rid="r"):

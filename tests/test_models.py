@@ -12,6 +12,7 @@ from conftest import (
 )
 
 from kiln import SamplingParams
+from kiln.models import attention_context
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -41,7 +42,8 @@ def test_prompt_logits_match_transformers(tiny_models, arch):
         engine.add_request(None, p, GREEDY)
     batch = engine.scheduler.schedule()
     inputs = engine.runner.prepare_inputs(batch)
-    hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.meta)
+    with attention_context(inputs.meta):
+        hidden = engine.runner.model(inputs.input_ids, inputs.positions)
     logits = engine.runner.model.compute_logits(hidden)
     start = 0
     for req, n in zip(batch.requests, batch.num_scheduled_tokens):

@@ -2,9 +2,9 @@
 
 import torch
 from conftest import assert_all_blocks_free, random_prompts, tiny_llm, token_prompts
-from kiln.runtime.sampler import exponential_noise
 
 from kiln import SamplingParams
+from kiln.runtime.sampler import exponential_noise
 
 
 def tokens(outs):

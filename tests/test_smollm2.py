@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kiln import SamplingParams
+from kiln.models import attention_context
 from kiln.resolve import DEFAULT_MODEL, embedded_model, resolve_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -48,7 +49,8 @@ def test_prompt_logits_match_transformers(smollm2, hf_smollm2):
     batch = engine.scheduler.schedule()
     inputs = engine.runner.prepare_inputs(batch)
     with torch.no_grad():
-        hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.meta)
+        with attention_context(inputs.meta):
+            hidden = engine.runner.model(inputs.input_ids, inputs.positions)
         logits = engine.runner.model.compute_logits(hidden)
         ref = hf_smollm2(torch.tensor([ids])).logits[0]
     engine.abort_all()
