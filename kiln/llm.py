@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .resolve import resolve_model
+from .compiler.config import CompilationConfig
+from .resolve import cache_dir, resolve_model
 from .runtime.config import (
     CacheConfig,
     EngineConfig,
@@ -73,6 +74,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
+        compilation_config: dict | CompilationConfig | None = None,
         **kwargs,
     ):
         _reject_unknown(kwargs, list(inspect.signature(LLM.__init__).parameters)[1:-1])
@@ -101,12 +103,16 @@ class LLM:
             cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,
                               enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            compilation=CompilationConfig.from_user(compilation_config),
             device=device,
-            enforce_eager=enforce_eager,
+            enforce_eager=bool(enforce_eager),
+            compile_cache_dir=cache_dir() / "compile",
         )
-        if not enforce_eager:
-            logger.warning("compiled mode is not implemented yet: running the eager path")
         self.engine = Engine(self.config)
+        if not enforce_eager:
+            start = time.perf_counter()
+            self.engine.runner.warmup()
+            logger.info("compiled in %.1f s", time.perf_counter() - start)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -38,7 +38,7 @@ def sliding_window_of_layer(config, layer: int) -> int | None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer: int):
+    def __init__(self, config, layer: int, rotary_emb: RotaryEmbedding):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -53,8 +53,7 @@ class LlamaAttention(nn.Module):
         if self.has_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings,
-                                          rope_parameters(config))
+        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               sliding_window_of_layer(config, layer))
 
@@ -84,10 +83,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer: int):
+    def __init__(self, config, layer: int, rotary_emb: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer)
+        self.self_attn = LlamaAttention(config, layer, rotary_emb)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -106,8 +105,13 @@ class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        # One table for all layers: they rotate by the same angles.
+        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings,
+                                     rope_parameters(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions):

@@ -1,11 +1,15 @@
 """The engine's configuration tree: one dataclass per concern, each checked when built."""
 
 import functools
+import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..compiler.config import CompilationConfig
+from ..graphs.buckets import plan_sizes
 
 logger = logging.getLogger("kiln")
 
@@ -120,5 +124,23 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+    compilation: CompilationConfig
     device: torch.device
     enforce_eager: bool
+    compile_cache_dir: Path | None  # None: compile without a persistent cache
+
+    def compile_sizes(self) -> list[int]:
+        sched = self.scheduler
+        return self.compilation.sizes or plan_sizes(sched.max_num_seqs,
+                                                     sched.max_num_batched_tokens)
+
+    def compile_cache_salt(self) -> str:
+        """Everything besides a piece's own graph and shapes that changes generated code."""
+        try:
+            version = importlib.metadata.version("kiln")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        model = self.model.hf_config.to_dict()
+        model.pop("_name_or_path", None)  # where the weights live does not change the code
+        return (f"{sorted(model.items())}|{self.model.dtype}|{self.device.type}|tp=1|"
+                f"torch {torch.__version__}|kiln {version}")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..compiler.cache import CompileCache
+from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
 from ..models.loader import build_model, load_weights
 from .config import EngineConfig
@@ -45,8 +47,10 @@ class ModelRunner:
                                 * attn.head_dim * config.model.dtype.itemsize)
         self.num_blocks = self._num_kv_blocks()
         # Zeroed, not empty: attention reads whole blocks and masks the unwritten slots, and
-        # a NaN left in freed memory would survive the mask (NaN * 0 is NaN).
-        cache = torch.zeros(len(layers), 2, self.num_blocks, self.block_size,
+        # a NaN left in freed memory would survive the mask (NaN * 0 is NaN). One block more
+        # than the block manager hands out: padding tokens of compiled sizes write there.
+        self.sink_block = self.num_blocks
+        cache = torch.zeros(len(layers), 2, self.num_blocks + 1, self.block_size,
                             attn.num_kv_heads, attn.head_dim, dtype=config.model.dtype,
                             device=self.device)
         for layer, kv in zip(layers, cache):
@@ -56,6 +60,23 @@ class ModelRunner:
                     "of max_model_len=%d fit at once", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, cache.numel() * cache.element_size() / 2**30,
                     self.num_blocks * self.block_size / max_len, max_len)
+        cache_dir = config.compile_cache_dir
+        self.graph_runner = GraphRunner(
+            self.model, self.device, config.enforce_eager, config.compilation,
+            config.compile_sizes(), config.scheduler.max_num_seqs,
+            -(-max_len // self.block_size), self.sink_block, self.block_size,
+            CompileCache(cache_dir) if cache_dir is not None and not config.enforce_eager
+            else None, config.compile_cache_salt())
+
+    def dummy_metadata(self, num_tokens: int) -> AttentionMetadata:
+        """A decode-only step of `num_tokens` one-token sequences in the sink block, for
+        compiling and capturing without touching any request's blocks."""
+        return self._prepare(
+            token_ids=[np.zeros(num_tokens, dtype=np.int64)],
+            starts=np.zeros(num_tokens, dtype=np.int64),
+            num_scheduled=np.ones(num_tokens, dtype=np.int64),
+            block_tables=[[self.sink_block]] * num_tokens, num_decodes=num_tokens,
+            sampling_rows=[]).meta
 
     def _num_kv_blocks(self) -> int:
         cache = self.config.cache
@@ -91,7 +112,7 @@ class ModelRunner:
             token_ids=[np.zeros(num_tokens, dtype=np.int64)],
             starts=np.zeros(1, dtype=np.int64), num_scheduled=np.array([num_tokens]),
             block_tables=[list(range(num_blocks))], num_decodes=0, sampling_rows=[0])
-        with attention_context(batch_inputs.meta):
+        with attention_context(batch_inputs.meta):  # eager: the profile precedes compiling
             hidden = self.model(batch_inputs.input_ids, batch_inputs.positions)
         self.model.compute_logits(hidden[batch_inputs.logits_indices])
         torch.cuda.synchronize(self.device)
@@ -155,12 +176,14 @@ class ModelRunner:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)
 
+    def warmup(self, on_size=None) -> None:
+        self.graph_runner.warmup(self.dummy_metadata, on_size)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
         """Run one step; return the batch rows that produced a token and their sample."""
         inputs = self.prepare_inputs(batch)
-        with attention_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, inputs.meta)
         if not inputs.sampling_rows:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.logits_indices])

@@ -1,0 +1,168 @@
+"""kiln's torch.compile backend: split at attention, compile each piece per size, share
+artifacts between identical pieces, keep them in a persistent cache.
+
+Dynamo traces the model once with a symbolic token count. The graph is split at every
+`kiln::paged_attention` call; the attention pieces run as they are, every other piece is
+compiled by Inductor separately for each token count it is called with (a static shape per
+bucket). Pieces are keyed by their structure and input shapes, not by which layer they came
+from: the thirty middle pieces of a thirty-layer model share one compiled artifact."""
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.fx.passes.split_module import split_module
+
+from .cache import CompileCache
+from .config import CompilationConfig
+from .inductor import compile_piece
+from .passes import PASSES, is_attention
+
+logger = logging.getLogger("kiln")
+
+
+class UncompiledSizeError(RuntimeError):
+    """A compiled model was called with a token count it was not compiled for."""
+
+
+@dataclass
+class CompileCounters:
+    num_traces: int = 0  # Dynamo graphs handed to the backend
+    num_compiles: int = 0  # Inductor compilations (cache misses)
+    num_cache_loads: int = 0  # artifacts loaded from the persistent cache
+    num_shared: int = 0  # pieces served by an artifact another piece already produced
+    seconds_by_size: dict[int, float] = field(default_factory=dict)
+
+
+def _structure(gm: fx.GraphModule) -> str:
+    """The graph's operations with inputs numbered, so the same computation over different
+    layers' weights gives the same text."""
+    index = {}
+    lines = []
+
+    def ref(value):
+        if isinstance(value, fx.Node):
+            return f"%{index[value]}"
+        if isinstance(value, (list, tuple)):
+            return "(" + ",".join(ref(v) for v in value) + ")"
+        if isinstance(value, dict):
+            return "{" + ",".join(f"{k}:{ref(v)}" for k, v in sorted(value.items())) + "}"
+        return repr(value)
+
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        target = node.target if node.op in ("call_method", "placeholder", "output") else (
+            getattr(node.target, "__qualname__", None) or str(node.target))
+        name = "" if node.op == "placeholder" else str(target)
+        lines.append(f"{node.op} {name} {ref(node.args)} {ref(node.kwargs)}")
+    return "\n".join(lines)
+
+
+def _signature(args) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"{a.dtype}{tuple(a.shape)}{a.stride()}{a.device.type}")
+        else:
+            parts.append(repr(a))
+    return ";".join(parts)
+
+
+class Piece(torch.nn.Module):
+    """One compiled piece of the split graph: one artifact per token count."""
+
+    def __init__(self, gm: fx.GraphModule, token_arg: int | None, static_size: int,
+                 backend: "KilnBackend"):
+        super().__init__()
+        self.gm = gm
+        self.token_arg = token_arg  # None: the graph was traced for `static_size` only
+        self.static_size = static_size
+        self.backend = backend
+        self.structure = hashlib.sha256(_structure(gm).encode()).hexdigest()
+        self.compiled: dict[int, object] = {}
+        # Artifacts loaded from disk return a sequence even for a single-output graph.
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.returns_one = not isinstance(output.args[0], (tuple, list))
+
+    def forward(self, *args):
+        size = self.static_size if self.token_arg is None else args[self.token_arg].shape[0]
+        fn = self.compiled.get(size)
+        if fn is None:
+            fn = self.compiled[size] = self.backend.artifact_for(self, size, list(args))
+        out = fn(*args)
+        if self.returns_one and isinstance(out, (tuple, list)):
+            return out[0]
+        return out
+
+
+def _token_arg(gm: fx.GraphModule) -> int | None:
+    """Index of an argument whose first dimension is the symbolic token count; None when
+    the graph was traced with a static one (Dynamo specialises a count of 1)."""
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and \
+                isinstance(value.shape[0], torch.SymInt):
+            return i
+    return None
+
+
+class KilnBackend:
+    def __init__(self, config: CompilationConfig, cache: CompileCache | None, sizes: list[int],
+                 cache_salt: str):
+        self.config = config
+        self.cache = cache
+        self.sizes = set(sizes)
+        self.cache_salt = cache_salt  # model config, dtype, layout, versions
+        self.counters = CompileCounters()
+        self.artifacts: dict[str, object] = {}
+        self.graph: fx.GraphModule | None = None
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+        self.counters.num_traces += 1
+        for name in self.config.passes:
+            removed = PASSES[name](gm)
+            logger.debug("pass %s removed %d nodes", name, removed)
+        pieces: dict[fx.Node, int] = {}
+        piece = 0
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if is_attention(node):
+                pieces[node] = piece + 1
+                piece += 2
+            else:
+                pieces[node] = piece
+        split = split_module(gm, None, lambda n: pieces[n], keep_original_order=True)
+        static_size = next(a.shape[0] for a in example_inputs
+                           if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
+        for name, sub in list(split.named_children()):
+            if not any(is_attention(n) for n in sub.graph.nodes):
+                setattr(split, name, Piece(sub, _token_arg(sub), static_size, self))
+        self.graph = split
+        return split
+
+    def artifact_for(self, piece: Piece, size: int, args: list):
+        if size not in self.sizes:
+            raise UncompiledSizeError(
+                f"called with {size} tokens; compiled sizes are {sorted(self.sizes)}")
+        key = hashlib.sha256(f"{self.cache_salt}|{self.config.inductor_config()}|"
+                             f"{piece.structure}|{_signature(args)}".encode()).hexdigest()[:32]
+        if key in self.artifacts:
+            self.counters.num_shared += 1
+            return self.artifacts[key]
+        start = time.perf_counter()
+        artifact = self.cache.load(key) if self.cache is not None else None
+        if artifact is not None:
+            self.counters.num_cache_loads += 1
+        else:
+            artifact = compile_piece(piece.gm, args, self.config.inductor_config())
+            self.counters.num_compiles += 1
+            if self.cache is not None:
+                self.cache.save(key, artifact)
+        elapsed = time.perf_counter() - start
+        self.counters.seconds_by_size[size] = self.counters.seconds_by_size.get(size, 0) + elapsed
+        self.artifacts[key] = artifact
+        return artifact

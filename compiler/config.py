@@ -1,0 +1,52 @@
+"""CompilationConfig: how kiln compiles a model, checked once when built."""
+
+import difflib
+from dataclasses import dataclass, field, fields
+
+KNOWN_PASSES = ("dedupe_input_computations",)
+MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompilationConfig:
+    mode: str = "default"  # Inductor mode; cudagraphs are kiln's own, see `cudagraphs`
+    sizes: list[int] | None = None  # token counts compiled; None: planned from scheduler limits
+    cudagraphs: bool = True  # capture decode sizes as CUDA graphs (CUDA only)
+    inductor_options: dict = field(default_factory=dict)
+    passes: list[str] = field(default_factory=lambda: list(KNOWN_PASSES))
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"compilation mode must be one of {', '.join(MODES)}; "
+                             f"got {self.mode!r}")
+        if self.sizes is not None:
+            if not self.sizes or not all(isinstance(s, int) and s > 0 for s in self.sizes):
+                raise ValueError(f"compilation sizes must be positive ints, got {self.sizes!r}")
+            self.sizes = sorted(set(self.sizes))
+        if not isinstance(self.inductor_options, dict):
+            raise TypeError("inductor_options must be a dict of Inductor config names")
+        unknown = [p for p in self.passes if p not in KNOWN_PASSES]
+        if unknown:
+            raise ValueError(f"unknown compiler passes {unknown}; known: {', '.join(KNOWN_PASSES)}")
+
+    @classmethod
+    def from_user(cls, value) -> "CompilationConfig":
+        """Accept a CompilationConfig, a dict of its fields, or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"compilation_config must be a dict or CompilationConfig, got "
+                            f"{type(value).__name__}")
+        names = [f.name for f in fields(cls)]
+        for key in value:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown compilation_config key {key!r}{hint}")
+        return cls(**value)
+
+    def inductor_config(self) -> dict:
+        options = {"max_autotune": True} if self.mode.startswith("max-autotune") else {}
+        return {**options, **self.inductor_options}

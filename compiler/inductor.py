@@ -1,0 +1,33 @@
+"""The one place kiln touches torch's private compiler APIs.
+
+kiln compiles graph pieces itself (so identical decoder layers share one compiled artifact and
+artifacts can be saved under kiln's own cache keys); torch offers that through
+`torch._inductor.standalone_compile` and `CompiledArtifact`, which have no public alias yet."""
+
+from pathlib import Path
+
+import torch
+
+
+def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
+    """Compile one graph piece with Inductor for the exact shapes of `example_inputs`."""
+    return torch._inductor.standalone_compile(
+        gm, example_inputs, dynamic_shapes="from_example_inputs", options=dict(options))
+
+
+def save_artifact(artifact, path: Path) -> None:
+    artifact.save(path=str(path), format="binary")
+
+
+def load_artifact(path: Path):
+    return torch._inductor.CompiledArtifact.load(path=str(path), format="binary")
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Dynamo gives up compiling a function after a few distinct guards; kiln traces once
+    per model, but several engines may live in one process (tests)."""
+    config = torch._dynamo.config
+    if getattr(config, "recompile_limit", limit) < limit:
+        config.recompile_limit = limit
+    if getattr(config, "cache_size_limit", limit) < limit:
+        config.cache_size_limit = limit

@@ -1,0 +1,92 @@
+"""Runs the model for one step: eagerly, through the compiled callable of the step's padded
+size, or by replaying that size's CUDA graph. One rule picks the path: eager when
+`enforce_eager`; a graph when the batch is decode-only and its size was captured; otherwise
+the compiled pieces at the padded size."""
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..compiler.backend import KilnBackend
+from ..compiler.cache import CompileCache
+from ..compiler.config import CompilationConfig
+from ..compiler.inductor import raise_recompile_limit
+from ..models import AttentionMetadata, attention_context
+from .buckets import decode_sizes, padded_size
+from .cuda_graph import CudaGraphs, StaticBuffers
+
+logger = logging.getLogger("kiln")
+
+
+class GraphRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device, enforce_eager: bool,
+                 compilation: CompilationConfig, sizes: list[int], max_num_seqs: int,
+                 max_blocks_per_seq: int, sink_block: int, block_size: int,
+                 cache: CompileCache | None, cache_salt: str):
+        self.model = model
+        self.device = device
+        self.sizes = sizes
+        self.backend = None
+        self.cuda_graphs = None
+        if enforce_eager:
+            return
+        raise_recompile_limit(64)
+        self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
+        self.compiled = torch.compile(model.forward, backend=self.backend, fullgraph=True,
+                                      dynamic=False)
+        self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
+        self.positions = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
+        self.decode_sizes = decode_sizes(sizes, max_num_seqs)
+        if device.type == "cuda" and compilation.cudagraphs:
+            buffers = StaticBuffers.allocate(self.decode_sizes[-1], max_blocks_per_seq,
+                                             sink_block, block_size, device)
+            self.cuda_graphs = CudaGraphs(self._compiled_forward, buffers)
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.backend is not None
+
+    def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        if input_ids.shape[0] > 1:
+            # Trace with a symbolic token count (one graph for every size > 1); Dynamo
+            # always specialises size 1.
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        return self.compiled(input_ids, positions)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, H] for the step's T tokens."""
+        if self.backend is None:
+            with attention_context(meta):
+                return self.model(input_ids, positions)
+        num_tokens = input_ids.shape[0]
+        size = padded_size(self.sizes, num_tokens)
+        if self.cuda_graphs is not None and self.cuda_graphs.can_replay(meta, num_tokens, size):
+            return self.cuda_graphs.replay(input_ids, positions, meta, size)
+        self.input_ids[:num_tokens].copy_(input_ids)
+        self.input_ids[num_tokens:size] = 0
+        self.positions[:num_tokens].copy_(positions)
+        self.positions[num_tokens:size] = 0
+        with attention_context(meta):
+            hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size])
+        return hidden[:num_tokens]
+
+    def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata],
+               on_size: Callable[[int, float], None] | None = None) -> None:
+        """Compile every size (largest first), then capture the decode sizes on CUDA."""
+        if self.backend is None:
+            return
+        for size in sorted(self.sizes, reverse=True):
+            start = time.perf_counter()
+            ids = torch.zeros(size, dtype=torch.int64, device=self.device)
+            with torch.inference_mode():  # as in serving: Dynamo guards on the mode
+                self.run(ids, ids, dummy_metadata(size))
+            if on_size is not None:
+                on_size(size, time.perf_counter() - start)
+        if self.cuda_graphs is not None:
+            with torch.inference_mode():
+                self.cuda_graphs.capture(self.decode_sizes)
+        logger.info("compiled %d sizes: %s", len(self.sizes), self.backend.counters)
