@@ -1,11 +1,12 @@
 """kiln's torch.compile backend: split at attention, compile each piece per size, share
 artifacts between identical pieces, keep them in a persistent cache.
 
-Dynamo traces the model once with a symbolic token count. The graph is split at every
-`kiln::paged_attention` call; the attention pieces run as they are, every other piece is
-compiled by Inductor separately for each token count it is called with (a static shape per
-bucket). Pieces are keyed by their structure and input shapes, not by which layer they came
-from: the thirty middle pieces of a thirty-layer model share one compiled artifact."""
+kiln compiles the decoder layer, not the whole model (graphs/runner.py): Dynamo traces one
+layer call with a symbolic token count, and every other layer of the same structure reuses
+that trace, so tracing time does not grow with depth. The traced graph is split at the
+`kiln::paged_attention` call; the attention runs as it is, every other piece is compiled by
+Inductor separately for each token count it is called with (a static shape per bucket).
+Pieces are keyed by their structure and input shapes, never by which layer they came from."""
 
 import hashlib
 import logging
@@ -19,9 +20,12 @@ from torch.fx.passes.split_module import split_module
 from .cache import CompileCache
 from .config import CompilationConfig
 from .inductor import compile_piece
-from .passes import PASSES, is_attention
 
 logger = logging.getLogger("kiln")
+
+
+def is_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and "kiln.paged_attention" in str(node.target)
 
 
 class UncompiledSizeError(RuntimeError):
@@ -122,9 +126,6 @@ class KilnBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         self.counters.num_traces += 1
-        for name in self.config.passes:
-            removed = PASSES[name](gm)
-            logger.debug("pass %s removed %d nodes", name, removed)
         pieces: dict[fx.Node, int] = {}
         piece = 0
         for node in gm.graph.nodes:
@@ -136,7 +137,7 @@ class KilnBackend:
             else:
                 pieces[node] = piece
         split = split_module(gm, None, lambda n: pieces[n], keep_original_order=True)
-        static_size = next(a.shape[0] for a in example_inputs
+        static_size = next(a.shape[0] for a in example_inputs  # the positions input
                            if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
         for name, sub in list(split.named_children()):
             if not any(is_attention(n) for n in sub.graph.nodes):

@@ -3,7 +3,6 @@
 import difflib
 from dataclasses import dataclass, field, fields
 
-KNOWN_PASSES = ("dedupe_input_computations",)
 MODES = ("default", "max-autotune-no-cudagraphs")
 
 
@@ -13,7 +12,7 @@ class CompilationConfig:
     sizes: list[int] | None = None  # token counts compiled; None: planned from scheduler limits
     cudagraphs: bool = True  # capture decode sizes as CUDA graphs (CUDA only)
     inductor_options: dict = field(default_factory=dict)
-    passes: list[str] = field(default_factory=lambda: list(KNOWN_PASSES))
+    cache_dir: str | None = None  # None: $KILN_CACHE_DIR/compile or ~/.cache/kiln/compile
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -25,9 +24,6 @@ class CompilationConfig:
             self.sizes = sorted(set(self.sizes))
         if not isinstance(self.inductor_options, dict):
             raise TypeError("inductor_options must be a dict of Inductor config names")
-        unknown = [p for p in self.passes if p not in KNOWN_PASSES]
-        if unknown:
-            raise ValueError(f"unknown compiler passes {unknown}; known: {', '.join(KNOWN_PASSES)}")
 
     @classmethod
     def from_user(cls, value) -> "CompilationConfig":

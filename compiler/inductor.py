@@ -23,9 +23,14 @@ def load_artifact(path: Path):
     return torch._inductor.CompiledArtifact.load(path=str(path), format="binary")
 
 
-def raise_recompile_limit(limit: int) -> None:
-    """Dynamo gives up compiling a function after a few distinct guards; kiln traces once
-    per model, but several engines may live in one process (tests)."""
+def configure_dynamo(limit: int) -> None:
+    """Settings for tracing one decoder layer with symbolic sizes.
+
+    Duck sizing would give the token count the same symbol as any weight dimension of equal
+    value (64 tokens and a head_dim of 64), guarding on that equality and forcing a new
+    trace for every other count. Dynamo also gives up on a function after a few distinct
+    guards; several engines may live in one process (tests)."""
+    torch.fx.experimental._config.use_duck_shape = False
     config = torch._dynamo.config
     if getattr(config, "recompile_limit", limit) < limit:
         config.recompile_limit = limit

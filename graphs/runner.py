@@ -12,12 +12,18 @@ import torch
 from ..compiler.backend import KilnBackend
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
-from ..compiler.inductor import raise_recompile_limit
+from ..compiler.inductor import configure_dynamo
 from ..models import AttentionMetadata, attention_context
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
 
 logger = logging.getLogger("kiln")
+
+
+def _call_layer(layer, positions, hidden, residual):
+    """The compile boundary: one decoder layer. Layers of the same structure share its trace
+    (their weights are graph inputs), so tracing cost does not grow with depth."""
+    return layer(positions, hidden, residual)
 
 
 class GraphRunner:
@@ -32,10 +38,12 @@ class GraphRunner:
         self.cuda_graphs = None
         if enforce_eager:
             return
-        raise_recompile_limit(64)
+        configure_dynamo(64)
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
-        self.compiled = torch.compile(model.forward, backend=self.backend, fullgraph=True,
-                                      dynamic=False)
+        # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo
+        # always specialises 1); the pieces are still compiled for static sizes.
+        self.compiled_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
+                                            dynamic=True)
         self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.positions = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.decode_sizes = decode_sizes(sizes, max_num_seqs)
@@ -49,12 +57,7 @@ class GraphRunner:
         return self.backend is not None
 
     def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        if input_ids.shape[0] > 1:
-            # Trace with a symbolic token count (one graph for every size > 1); Dynamo
-            # always specialises size 1.
-            torch._dynamo.mark_dynamic(input_ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
-        return self.compiled(input_ids, positions)
+        return self.model(input_ids, positions, call_layer=self.compiled_layer)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor:

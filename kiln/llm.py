@@ -5,6 +5,7 @@ import inspect
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -93,6 +94,7 @@ class LLM:
         checkpoint_dtype = getattr(hf_config, "dtype", None) or torch.float32
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
+        compilation = CompilationConfig.from_user(compilation_config)
         self.config = EngineConfig(
             model=ModelConfig(
                 path=str(folder), hf_config=hf_config, tokenizer=str(tokenizer_folder),
@@ -103,10 +105,10 @@ class LLM:
             cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,
                               enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-            compilation=CompilationConfig.from_user(compilation_config),
+            compilation=compilation,
             device=device,
             enforce_eager=bool(enforce_eager),
-            compile_cache_dir=cache_dir() / "compile",
+            compile_cache_dir=Path(compilation.cache_dir or cache_dir() / "compile"),
         )
         self.engine = Engine(self.config)
         if not enforce_eager:

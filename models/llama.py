@@ -114,10 +114,13 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions):
+    def forward(self, input_ids, positions, call_layer=None):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            if call_layer is None:
+                hidden, residual = layer(positions, hidden, residual)
+            else:
+                hidden, residual = call_layer(layer, positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -140,9 +143,12 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states of every token; attention metadata comes from attention_context."""
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                call_layer=None) -> torch.Tensor:
+        """Hidden states of every token; attention metadata comes from attention_context.
+        `call_layer(layer, positions, hidden, residual)`, when given, runs each decoder layer
+        (the compiler passes its compiled layer call here)."""
+        return self.model(input_ids, positions, call_layer)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
