@@ -1,0 +1,146 @@
+"""The compiled path: same greedy tokens as eager and transformers in every bucket and
+scheduling path, no compiles after warm-up, shared artifacts, and a trustworthy cache."""
+
+import os
+
+import pytest
+from conftest import (
+    assert_all_blocks_free,
+    hf_greedy,
+    make_tiny_model,
+    random_prompts,
+    token_prompts,
+)
+
+from kiln import LLM, SamplingParams
+from kiln.compiler.cache import CompileCache, UnsafeCacheDirError
+
+SIZES = [1, 2, 4, 8, 16, 32]
+MAX_TOKENS = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """One compile cache for the run: the first compiled engine fills it."""
+    return str(tmp_path_factory.mktemp("compile-cache"))
+
+
+def compiled_llm(folder, cache_dir, **kwargs):
+    kwargs.setdefault("kv_cache_memory", 16 << 20)
+    kwargs.setdefault("max_num_seqs", 32)
+    kwargs.setdefault("max_num_batched_tokens", 32)
+    compilation = {"sizes": SIZES, "cache_dir": cache_dir, **kwargs.pop("compilation", {})}
+    return LLM(str(folder), skip_tokenizer_init=True, compilation_config=compilation, **kwargs)
+
+
+def counters(llm):
+    return llm.engine.runner.graph_runner.backend.counters
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    _, hf = tiny_llama
+    prompts = random_prompts(20, seed=30, max_len=50)
+    stem = random_prompts(1, seed=31, min_len=40, max_len=40)[0]
+    prompts += [stem + tail for tail in random_prompts(4, seed=32, min_len=1, max_len=9)]
+    return prompts, [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama, compile_cache):
+    return compiled_llm(tiny_llama[0], compile_cache)
+
+
+def test_compiled_matches_transformers_and_never_compiles_after_warmup(llm, reference):
+    prompts, expected = reference
+    before = (counters(llm).num_traces, counters(llm).num_compiles,
+              counters(llm).num_cache_loads)
+    # Batches of 1..24 requests: decode steps pad to every size; the 32-token budget chunks
+    # prompts and mixes prefill with decode.
+    for n in (1, 3, 7, 24):
+        outs = llm.generate(token_prompts(prompts[:n]), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected[:n]
+        assert_all_blocks_free(llm)
+    after = (counters(llm).num_traces, counters(llm).num_compiles,
+             counters(llm).num_cache_loads)
+    assert after == before
+
+
+def test_compiled_equals_eager_under_preemption_and_prefix_caching(tiny_llama, compile_cache,
+                                                                   reference):
+    prompts, expected = reference
+    per_block = 2 * 2 * 4 * 2 * 16 * 4
+    llm = compiled_llm(tiny_llama[0], compile_cache, block_size=4,
+                       kv_cache_memory=64 * per_block, max_model_len=128)
+    for _ in range(2):  # the second pass reuses cached prefixes
+        outs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert_all_blocks_free(llm)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_prefix_hits > 0
+
+
+def test_other_architecture_compiled(tiny_models, compile_cache):
+    folder, hf = tiny_models["qwen3"]
+    prompts = random_prompts(6, seed=33)
+    llm = compiled_llm(folder, compile_cache)
+    outs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, MAX_TOKENS)
+                                                     for p in prompts]
+
+
+def test_identical_layers_share_one_artifact(tmp_path, compile_cache):
+    """Four layers compile no more pieces than two: per size, the first layer's piece before
+    attention, the other layers' piece before attention, and the piece after attention."""
+    make_tiny_model(tmp_path / "deep", num_hidden_layers=4)
+    llm = compiled_llm(tmp_path / "deep", str(tmp_path / "cache"))
+    c = counters(llm)
+    assert c.num_compiles + c.num_cache_loads == 3 * len(SIZES)
+    assert c.num_shared > 0
+    assert c.num_traces == 4  # layer 0 and the rest, each at size 1 and symbolic
+
+
+def test_warm_cache_loads_instead_of_compiling(tiny_llama, tmp_path, reference):
+    prompts, expected = reference
+    cache = str(tmp_path / "cache")
+    cold = compiled_llm(tiny_llama[0], cache)
+    assert counters(cold).num_compiles > 0
+    warm = compiled_llm(tiny_llama[0], cache)
+    assert counters(warm).num_compiles == 0
+    assert counters(warm).num_cache_loads == counters(cold).num_compiles
+    outs = warm.generate(token_prompts(prompts[:4]), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:4]
+
+
+def test_corrupt_cache_entry_is_rebuilt_not_loaded(tiny_llama, tmp_path, reference):
+    prompts, expected = reference
+    cache = tmp_path / "cache"
+    compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    victim = sorted(cache.glob("*.bin"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    assert counters(llm).num_compiles == 1
+    outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+    assert all(e.is_valid for e in CompileCache(cache).entries(verify=True))
+
+
+def test_cache_refuses_a_directory_others_can_write(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(UnsafeCacheDirError, match="writable by other users"):
+        CompileCache(shared)
+
+
+def test_cache_directory_is_created_private(tmp_path):
+    CompileCache(tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+
+def test_bad_compilation_config(tiny_llama):
+    with pytest.raises(ValueError, match="did you mean 'sizes'"):
+        LLM(str(tiny_llama[0]), skip_tokenizer_init=True, compilation_config={"size": [1]})
+    with pytest.raises(ValueError, match="compilation mode"):
+        LLM(str(tiny_llama[0]), skip_tokenizer_init=True, compilation_config={"mode": "fast"})
