@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..compiler.backend import KilnBackend
 from ..compiler.cache import CompileCache
@@ -77,18 +78,18 @@ class GraphRunner:
             hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size])
         return hidden[:num_tokens]
 
-    def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata],
-               on_size: Callable[[int, float], None] | None = None) -> None:
+    def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata]) -> None:
         """Compile every size (largest first), then capture the decode sizes on CUDA."""
         if self.backend is None:
             return
-        for size in sorted(self.sizes, reverse=True):
+        bar = tqdm(sorted(self.sizes, reverse=True), desc="Compiling sizes", unit="size",
+                   dynamic_ncols=True)
+        for size in bar:
             start = time.perf_counter()
             ids = torch.zeros(size, dtype=torch.int64, device=self.device)
             with torch.inference_mode():  # as in serving: Dynamo guards on the mode
                 self.run(ids, ids, dummy_metadata(size))
-            if on_size is not None:
-                on_size(size, time.perf_counter() - start)
+            bar.set_postfix_str(f"{size} tokens: {time.perf_counter() - start:.1f} s")
         if self.cuda_graphs is not None:
             with torch.inference_mode():
                 self.cuda_graphs.capture(self.decode_sizes)

@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import time
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Offline LLM inference.")
     commands = parser.add_subparsers(dest="command", required=True)
+    warmup = commands.add_parser("warmup", help="compile every size ahead of time")
+    warmup.add_argument("--model", default=None)
+    warmup.add_argument("--dtype", default="auto")
+    warmup.add_argument("--max-model-len", type=int, default=None)
+    warmup.add_argument("--max-num-seqs", type=int, default=256)
+    warmup.add_argument("--max-num-batched-tokens", type=int, default=None)
+    warmup.add_argument("--buckets", default=None,
+                        help="comma-separated token counts to compile (default: planned)")
+    warmup.add_argument("-v", "--verbose", action="store_true")
+    cache = commands.add_parser("cache", help="inspect the compile cache")
+    cache.add_argument("action", choices=["list", "verify", "clear"])
+    cache.add_argument("-v", "--verbose", action="store_true")
     generate = commands.add_parser("generate", help="complete one or more prompts")
     generate.add_argument("prompts", nargs="+")
     _add_common(generate)
@@ -41,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import LLM, SamplingParams
 
     try:
+        if args.command == "warmup":
+            return _warmup(args, LLM)
+        if args.command == "cache":
+            return _cache(args.action)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                                 seed=args.seed, stop=args.stop)
@@ -59,6 +76,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _warmup(args, llm_class) -> int:
+    sizes = [int(s) for s in args.buckets.split(",")] if args.buckets else None
+    start = time.perf_counter()
+    llm = llm_class(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                    max_num_seqs=args.max_num_seqs,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    compilation_config={"sizes": sizes})
+    backend = llm.engine.runner.graph_runner.backend
+    counters = backend.counters
+    for size, seconds in sorted(counters.seconds_by_size.items()):
+        print(f"  {size:>6} tokens  {seconds:6.1f} s")
+    print(f"ready in {time.perf_counter() - start:.1f} s: {len(counters.seconds_by_size)} sizes, "
+          f"{counters.num_compiles} pieces compiled, {counters.num_cache_loads} loaded from "
+          f"cache, {counters.num_shared} reused between traces")
+    print(f"cache: {backend.cache.root} ({backend.cache.size_bytes() / 2**20:.1f} MiB)")
+    return 0
+
+
+def _cache(action: str) -> int:
+    from .compiler.cache import CompileCache
+    from .resolve import cache_dir
+
+    cache = CompileCache(cache_dir() / "compile")
+    if action == "clear":
+        print(f"removed {cache.clear()} files from {cache.root}")
+        return 0
+    entries = cache.entries(verify=action == "verify")
+    for e in entries:
+        status = "" if action == "list" else ("  ok" if e.is_valid else "  CORRUPT")
+        print(f"{e.key}  {e.size_bytes / 2**10:8.1f} KiB  "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e.created))}{status}")
+    bad = sum(not e.is_valid for e in entries)
+    print(f"{len(entries)} entries, {cache.size_bytes() / 2**20:.1f} MiB in {cache.root}"
+          + (f"; {bad} corrupt (they are rebuilt on next use)" if bad else ""))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -176,8 +176,8 @@ class ModelRunner:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)
 
-    def warmup(self, on_size=None) -> None:
-        self.graph_runner.warmup(self.dummy_metadata, on_size)
+    def warmup(self) -> None:
+        self.graph_runner.warmup(self.dummy_metadata)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
