@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-setup
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -30,3 +30,9 @@ lint: setup
 
 clean:
 	rm -rf $(VENV)
+
+# On a lent GPU machine: torch, transformers etc. are preinstalled there, and it has no
+# internet; install kiln itself from the working tree without dependencies.
+gpu-check:
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	python3 benchmarks/gpu_check.py

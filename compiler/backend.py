@@ -87,12 +87,17 @@ class Piece(torch.nn.Module):
         self.backend = backend
         self.structure = hashlib.sha256(_structure(gm).encode()).hexdigest()
         self.compiled: dict[int, object] = {}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.token_sized = [_is_token_sized(n) for n in placeholders]
+        self.example_args: list | None = None  # from the first call, to derive other sizes
         # Artifacts loaded from disk return a sequence even for a single-output graph.
         output = next(n for n in gm.graph.nodes if n.op == "output")
         self.returns_one = not isinstance(output.args[0], (tuple, list))
 
     def forward(self, *args):
         size = self.static_size if self.token_arg is None else args[self.token_arg].shape[0]
+        if self.example_args is None:
+            self.example_args = list(args)
         fn = self.compiled.get(size)
         if fn is None:
             fn = self.compiled[size] = self.backend.artifact_for(self, size, list(args))
@@ -100,6 +105,31 @@ class Piece(torch.nn.Module):
         if self.returns_one and isinstance(out, (tuple, list)):
             return out[0]
         return out
+
+
+    def prepare(self, size: int) -> None:
+        """Compile (or load) the artifact for `size` without running the piece: inputs sized
+        by the token count are replaced by empty tensors of that size, with the strides the
+        real inputs have (they do not depend on the token count)."""
+        if self.token_arg is None or size in self.compiled or self.example_args is None:
+            return
+        args = []
+        for arg, token_sized in zip(self.example_args, self.token_sized):
+            if token_sized and isinstance(arg, torch.Tensor):
+                arg = torch.empty_strided((size, *arg.shape[1:]), arg.stride(), dtype=arg.dtype,
+                                          device=arg.device)
+            elif token_sized:
+                arg = size  # the symbolic token count itself
+            args.append(arg)
+        self.compiled[size] = self.backend.artifact_for(self, size, args)
+
+
+def _is_token_sized(node: fx.Node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and \
+        isinstance(value.shape[0], torch.SymInt)
 
 
 def _token_arg(gm: fx.GraphModule) -> int | None:
@@ -122,7 +152,7 @@ class KilnBackend:
         self.cache_salt = cache_salt  # model config, dtype, layout, versions
         self.counters = CompileCounters()
         self.artifacts: dict[str, object] = {}
-        self.graph: fx.GraphModule | None = None
+        self.pieces: list[Piece] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         self.counters.num_traces += 1
@@ -141,9 +171,15 @@ class KilnBackend:
                            if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
         for name, sub in list(split.named_children()):
             if not any(is_attention(n) for n in sub.graph.nodes):
-                setattr(split, name, Piece(sub, _token_arg(sub), static_size, self))
-        self.graph = split
+                piece = Piece(sub, _token_arg(sub), static_size, self)
+                self.pieces.append(piece)
+                setattr(split, name, piece)
         return split
+
+    def prepare(self, size: int) -> None:
+        """Make every traced piece ready for `size` tokens without running the model."""
+        for piece in self.pieces:
+            piece.prepare(size)
 
     def artifact_for(self, piece: Piece, size: int, args: list):
         if size not in self.sizes:

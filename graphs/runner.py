@@ -79,16 +79,22 @@ class GraphRunner:
         return hidden[:num_tokens]
 
     def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata]) -> None:
-        """Compile every size (largest first), then capture the decode sizes on CUDA."""
+        """Trace with one small forward pass (and one of a single token, if 1 is a size:
+        Dynamo specialises it), make every other size ready without running it, then
+        capture the decode sizes on CUDA."""
         if self.backend is None:
             return
-        bar = tqdm(sorted(self.sizes, reverse=True), desc="Compiling sizes", unit="size",
-                   dynamic_ncols=True)
+        traced = [s for s in self.sizes if s == 1] + [next((s for s in self.sizes if s > 1),
+                                                           self.sizes[0])]
+        bar = tqdm(self.sizes, desc="Compiling sizes", unit="size", dynamic_ncols=True)
         for size in bar:
             start = time.perf_counter()
-            ids = torch.zeros(size, dtype=torch.int64, device=self.device)
-            with torch.inference_mode():  # as in serving: Dynamo guards on the mode
-                self.run(ids, ids, dummy_metadata(size))
+            if size in traced:
+                ids = torch.zeros(size, dtype=torch.int64, device=self.device)
+                with torch.inference_mode():  # as in serving: Dynamo guards on the mode
+                    self.run(ids, ids, dummy_metadata(size))
+            else:
+                self.backend.prepare(size)
             bar.set_postfix_str(f"{size} tokens: {time.perf_counter() - start:.1f} s")
         if self.cuda_graphs is not None:
             with torch.inference_mode():

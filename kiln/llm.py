@@ -76,6 +76,7 @@ class LLM:
         enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
         compilation_config: dict | CompilationConfig | None = None,
+        load_format: str = "auto",
         **kwargs,
     ):
         _reject_unknown(kwargs, list(inspect.signature(LLM.__init__).parameters)[1:-1])
@@ -100,7 +101,7 @@ class LLM:
                 path=str(folder), hf_config=hf_config, tokenizer=str(tokenizer_folder),
                 tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
                 dtype=resolve_dtype(dtype, checkpoint_dtype, device),
-                max_model_len=max_len, seed=seed,
+                max_model_len=max_len, seed=seed, load_format=load_format,
             ),
             cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,
                               enable_prefix_caching),

@@ -91,11 +91,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(self, positions, hidden, residual):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
@@ -115,7 +111,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, call_layer=None):
-        hidden, residual = self.embed_tokens(input_ids), None
+        # A zero residual makes the first layer's graph the same as every other's (adding
+        # zero is exact), so one trace serves all layers.
+        hidden = self.embed_tokens(input_ids)
+        residual = torch.zeros_like(hidden)
         for layer in self.layers:
             if call_layer is None:
                 hidden, residual = layer(positions, hidden, residual)

@@ -57,6 +57,15 @@ def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
         return cls(config).eval()
 
 
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights for speed measurements without checkpoint files (vLLM's
+    load_format="dummy"): small values, so activations stay finite in any dtype."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for param in model.parameters():
+        param.uniform_(-0.02, 0.02, generator=generator)
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"

@@ -61,8 +61,12 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     seed: int
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
 
     def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'auto', 'safetensors' or 'dummy', "
+                             f"got {self.load_format!r}")
         if self.tokenizer_mode not in ("auto", "slow"):
             raise ValueError(
                 f"tokenizer_mode must be 'auto' or 'slow', got {self.tokenizer_mode!r}")

@@ -13,7 +13,7 @@ import torch
 from ..compiler.cache import CompileCache
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
-from ..models.loader import build_model, load_weights
+from ..models.loader import build_model, init_dummy_weights, load_weights
 from .config import EngineConfig
 from .sampler import SamplerOutput, SamplingBatch, sample
 from .scheduler import ScheduledBatch
@@ -38,7 +38,10 @@ class ModelRunner:
         hf = config.model.hf_config
         start = time.perf_counter()
         self.model = build_model(hf, config.model.dtype, self.device)
-        load_weights(self.model, config.model.path)
+        if config.model.load_format == "dummy":
+            init_dummy_weights(self.model, config.model.seed)
+        else:
+            load_weights(self.model, config.model.path)
         logger.info("loaded %s (%s) in %.1f s", config.model.path, config.model.dtype,
                     time.perf_counter() - start)
         layers = self.model.attention_layers()

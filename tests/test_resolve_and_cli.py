@@ -49,3 +49,29 @@ def test_cli_reports_errors_with_exit_code_2():
                              "/no/such/model"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "kiln: error: model path /no/such/model does not exist" in result.stderr
+
+
+def test_cli_warmup_then_cache_list_verify_clear(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from conftest import make_tiny_model
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln"))
+    folder = tmp_path / "tiny"
+    make_tiny_model(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded_model() / name, folder)
+    args = ["--model", str(folder), "--buckets", "1,4", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "4"]
+    assert main(["warmup", *args]) == 0
+    out = capsys.readouterr().out
+    assert "ready in" in out and "2 sizes" in out and str(tmp_path / "kiln" / "compile") in out
+    assert main(["cache", "verify"]) == 0
+    listing = capsys.readouterr().out
+    assert "ok" in listing and "0 entries" not in listing
+    assert main(["warmup", *args]) == 0  # warm: everything comes from the cache
+    assert "0 pieces compiled" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "list"]) == 0
+    assert "0 entries" in capsys.readouterr().out
