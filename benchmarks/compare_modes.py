@@ -37,7 +37,7 @@ def measure(model: str | None, modes: list[str], batches: list[int], max_tokens:
             max_num_batched_tokens: int) -> dict:
     vocab = None
     results = {}
-    sizes = sorted({1, *batches, max_num_batched_tokens})
+    sizes = sorted({*batches, max_num_batched_tokens})
     for mode in modes:
         kwargs = dict(MODES[mode])
         if "compilation_config" in kwargs:

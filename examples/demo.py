@@ -1,4 +1,5 @@
-"""kiln's demo: greedy, sampled and chat generations from the embedded SmolLM2-135M-Instruct."""
+"""kiln's demo: greedy, sampled and chat generations from the embedded SmolLM2-135M-Instruct,
+compiled (the first run compiles every batch size into the kiln cache; later runs load it)."""
 
 import logging
 import time
@@ -8,7 +9,7 @@ from kiln import LLM, SamplingParams
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
 start = time.perf_counter()
-llm = LLM(enforce_eager=True)
+llm = LLM()
 print(f"ready in {time.perf_counter() - start:.1f} s\n")
 
 prompt = "The three most important inventions of the 20th century are"
