@@ -59,6 +59,15 @@ def random_prompts(num: int, vocab: int = 256, seed: int = 0, min_len: int = 3,
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
 
 
+def scheduling_workload(hf, seed: int, max_new_tokens: int, max_len: int = 60):
+    """20 prompts of mixed lengths plus 4 that extend one 40-token stem (so prefix caching has
+    something to share), and transformers' greedy continuation of each."""
+    prompts = random_prompts(20, seed=seed, max_len=max_len)
+    stem = random_prompts(1, seed=seed + 1, min_len=40, max_len=40)[0]
+    prompts += [stem + tail for tail in random_prompts(4, seed=seed + 2, min_len=1, max_len=9)]
+    return prompts, [hf_greedy(hf, p, max_new_tokens) for p in prompts]
+
+
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Argmax decoding with transformers' forward, with no EOS or other logits processing

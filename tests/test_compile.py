@@ -9,6 +9,7 @@ from conftest import (
     hf_greedy,
     make_tiny_model,
     random_prompts,
+    scheduling_workload,
     token_prompts,
 )
 
@@ -40,11 +41,7 @@ def counters(llm):
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
-    _, hf = tiny_llama
-    prompts = random_prompts(20, seed=30, max_len=50)
-    stem = random_prompts(1, seed=31, min_len=40, max_len=40)[0]
-    prompts += [stem + tail for tail in random_prompts(4, seed=32, min_len=1, max_len=9)]
-    return prompts, [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+    return scheduling_workload(tiny_llama[1], seed=30, max_new_tokens=MAX_TOKENS, max_len=50)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 greedy tokens: all are compared with transformers on the same weights."""
 
 import pytest
-from conftest import assert_all_blocks_free, hf_greedy, random_prompts, tiny_llm, token_prompts
+from conftest import assert_all_blocks_free, scheduling_workload, tiny_llm, token_prompts
 
 from kiln import SamplingParams
 
@@ -12,12 +12,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama):
-    _, hf = tiny_llama
-    prompts = random_prompts(20, seed=3, max_len=60)
-    # Shared prefixes exercise prefix caching: 4 prompts extend one 40-token stem.
-    stem = random_prompts(1, seed=4, min_len=40, max_len=40)[0]
-    prompts += [stem + tail for tail in random_prompts(4, seed=5, min_len=1, max_len=9)]
-    return prompts, [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+    return scheduling_workload(tiny_llama[1], seed=3, max_new_tokens=MAX_TOKENS)
 
 
 def run(folder, prompts, **kwargs):
