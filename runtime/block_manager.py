@@ -37,10 +37,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_queue)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -30,7 +30,6 @@ class Request:
         self.logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
         self.text = ""
-        self.num_preemptions = 0
         self.detokenizer = None
 
     @property

@@ -91,7 +91,6 @@ class Scheduler:
         self.running.remove(req)
         self.block_manager.free(req)
         req.status = Status.WAITING
-        req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
