@@ -53,10 +53,6 @@ class GraphRunner:
                                              sink_block, block_size, device)
             self.cuda_graphs = CudaGraphs(self._compiled_forward, buffers)
 
-    @property
-    def is_compiled(self) -> bool:
-        return self.backend is not None
-
     def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
         return self.model(input_ids, positions, call_layer=self.compiled_layer)
 
