@@ -20,6 +20,7 @@ from torch.fx.passes.split_module import split_module
 from .cache import CompileCache
 from .config import CompilationConfig
 from .inductor import compile_piece
+from .passes import single_token_linear_as_reduction
 
 logger = logging.getLogger("kiln")
 
@@ -156,6 +157,11 @@ class KilnBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         self.counters.num_traces += 1
+        static_size = next(a.shape[0] for a in example_inputs  # the positions input
+                           if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
+        is_single_token = isinstance(static_size, int) and static_size == 1
+        if is_single_token and "single_token_linear_as_reduction" in self.config.passes:
+            single_token_linear_as_reduction(gm)
         pieces: dict[fx.Node, int] = {}
         piece = 0
         for node in gm.graph.nodes:
@@ -167,8 +173,6 @@ class KilnBackend:
             else:
                 pieces[node] = piece
         split = split_module(gm, None, lambda n: pieces[n], keep_original_order=True)
-        static_size = next(a.shape[0] for a in example_inputs  # the positions input
-                           if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
         for name, sub in list(split.named_children()):
             if not any(is_attention(n) for n in sub.graph.nodes):
                 piece = Piece(sub, _token_arg(sub), static_size, self)

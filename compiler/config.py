@@ -4,6 +4,7 @@ import difflib
 from dataclasses import dataclass, field, fields
 
 MODES = ("default", "max-autotune-no-cudagraphs")
+KNOWN_PASSES = ("single_token_linear_as_reduction",)
 
 
 @dataclass
@@ -13,6 +14,7 @@ class CompilationConfig:
     cudagraphs: bool = True  # capture decode sizes as CUDA graphs (CUDA only)
     inductor_options: dict = field(default_factory=dict)
     cache_dir: str | None = None  # None: $KILN_CACHE_DIR/compile or ~/.cache/kiln/compile
+    passes: list[str] = field(default_factory=lambda: list(KNOWN_PASSES))  # kiln's FX passes
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -24,6 +26,10 @@ class CompilationConfig:
             self.sizes = sorted(set(self.sizes))
         if not isinstance(self.inductor_options, dict):
             raise TypeError("inductor_options must be a dict of Inductor config names")
+        unknown = [p for p in self.passes if p not in KNOWN_PASSES]
+        if unknown:
+            raise ValueError(f"unknown compiler passes {unknown}; known: "
+                             f"{', '.join(KNOWN_PASSES)}")
 
     @classmethod
     def from_user(cls, value) -> "CompilationConfig":

@@ -4,17 +4,20 @@ scheduling path, no compiles after warm-up, shared artifacts, and a trustworthy 
 import os
 
 import pytest
+import torch
 from conftest import (
     assert_all_blocks_free,
     hf_greedy,
     make_tiny_model,
     random_prompts,
     scheduling_workload,
+    tiny_llm,
     token_prompts,
 )
 
 from kiln import LLM, SamplingParams
 from kiln.compiler.cache import CompileCache, UnsafeCacheDirError
+from kiln.models import attention_context
 
 SIZES = [1, 2, 4, 8, 16, 32]
 MAX_TOKENS = 12
@@ -141,3 +144,29 @@ def test_bad_compilation_config(tiny_llama):
         LLM(str(tiny_llama[0]), skip_tokenizer_init=True, compilation_config={"size": [1]})
     with pytest.raises(ValueError, match="compilation mode"):
         LLM(str(tiny_llama[0]), skip_tokenizer_init=True, compilation_config={"mode": "fast"})
+
+
+def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
+    """On a one-token layer graph the pass leaves no BLAS call, only reductions, and the
+    rewritten graph computes the same layer."""
+    from kiln.compiler.passes import count_linears, single_token_linear_as_reduction
+
+    llm = tiny_llm(tiny_llama[0])
+    layer = llm.engine.runner.model.model.layers[0]
+    counts = []
+
+    def rewrite(gm, example_inputs):
+        before = count_linears(gm)
+        rewritten = single_token_linear_as_reduction(gm)
+        sums = sum(1 for n in gm.graph.nodes if n.op == "call_method" and n.target == "sum")
+        counts.append((before, rewritten, count_linears(gm), sums))
+        return gm.forward
+
+    positions, hidden, residual = torch.tensor([3]), torch.randn(1, 64), torch.randn(1, 64)
+    with torch.no_grad(), attention_context(llm.engine.runner.dummy_metadata(1)):
+        expected = layer(positions, hidden, residual)
+        got = torch.compile(lambda *a: layer(*a), backend=rewrite, fullgraph=True)(
+            positions, hidden, residual)
+    assert counts == [(4, 4, 0, 4)]  # qkv, o, gate_up and down projections
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -113,3 +113,19 @@ def test_hub_id_resolves_to_embedded_copy_offline():
 def test_unknown_hub_id_offline_names_it():
     with pytest.raises(OSError, match="cannot fetch model 'nobody/no-such-model'"):
         resolve_model("nobody/no-such-model")
+
+
+def test_compiled_greedy_equals_eager(smollm2):
+    """The compiled path (three buckets; one-token steps use the single-token pass) gives
+    the eager path's tokens, which the test above ties to transformers."""
+    from kiln import LLM
+
+    compiled = LLM(compilation_config={"sizes": [1, 8, 64]}, max_num_seqs=8,
+                   max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    eager_outs = smollm2.generate(PROMPTS, params, use_tqdm=False)
+    single = compiled.generate(PROMPTS[0], params, use_tqdm=False)
+    batched = compiled.generate(PROMPTS, params, use_tqdm=False)
+    assert single[0].outputs[0].token_ids == eager_outs[0].outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in batched] == \
+        [o.outputs[0].token_ids for o in eager_outs]
