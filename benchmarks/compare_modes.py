@@ -34,7 +34,7 @@ def _timed(llm, prompts, max_tokens: int) -> float:
 
 def measure(model: str | None, modes: list[str], batches: list[int], max_tokens: int,
             prompt_len: int, repeats: int, load_format: str, dtype: str,
-            max_num_batched_tokens: int) -> dict:
+            max_num_batched_tokens: int, max_model_len: int | None) -> dict:
     vocab = None
     results = {}
     sizes = sorted({*batches, max_num_batched_tokens})
@@ -45,7 +45,7 @@ def measure(model: str | None, modes: list[str], batches: list[int], max_tokens:
         start = time.perf_counter()
         llm = LLM(model, skip_tokenizer_init=True, load_format=load_format, dtype=dtype,
                   max_num_seqs=max(batches), max_num_batched_tokens=max_num_batched_tokens,
-                  **kwargs)
+                  max_model_len=max_model_len, **kwargs)
         ready = time.perf_counter() - start
         vocab = llm.config.model.vocab_size
         rng = random.Random(0)
@@ -87,13 +87,15 @@ def main() -> None:
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="CUDA graphs gather the whole captured block table: keep it short")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args()
     modes = args.modes.split(",") if args.modes else (
         list(MODES) if torch.cuda.is_available() else ["eager", "compiled"])
     report = measure(args.model, modes, [int(b) for b in args.batches.split(",")],
                      args.max_tokens, args.prompt_len, args.repeats, args.load_format,
-                     args.dtype, args.max_num_batched_tokens)
+                     args.dtype, args.max_num_batched_tokens, args.max_model_len)
     base = report["results"].get("eager")
     if base:
         for mode, result in report["results"].items():

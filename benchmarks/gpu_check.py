@@ -41,7 +41,8 @@ def main() -> int:
     bench = subprocess.run(
         [sys.executable, "benchmarks/compare_modes.py", "--model", str(folder),
          "--load-format", "dummy", "--dtype", "bfloat16", "--batches", "1,8,64",
-         "--max-tokens", "64", "--repeats", "3", "--out", str(out / "modes.json")],
+         "--max-tokens", "64", "--repeats", "3", "--max-model-len", "512",
+         "--out", str(out / "modes.json")],
         capture_output=True, text=True, timeout=420)
     print(bench.stdout[-4000:], bench.stderr[-3000:], flush=True)
     report["bench"] = {"returncode": bench.returncode, "tail": bench.stdout[-4000:]}
