@@ -167,14 +167,14 @@ class LLM:
         tokenized = [self._tokenize(p) for p in prompts]
         for (_, ids), p in zip(tokenized, params):
             self.engine.check_request(ids, p)
-        requests = [self.engine.add_request(text, ids, p) for (text, ids), p in
-                    zip(tokenized, params)]
+        groups = [self.engine.add_request(text, ids, p) for (text, ids), p in
+                  zip(tokenized, params)]
         try:
-            self._run(len(requests), use_tqdm)
+            self._run(sum(len(g) for g in groups), use_tqdm)
         finally:
             if self.engine.has_unfinished:  # an exception interrupted the loop
                 self.engine.abort_all()
-        return [self.engine.to_output(r) for r in requests]
+        return [self.engine.to_output(g) for g in groups]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -218,7 +218,7 @@ class LLM:
                 "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
     def _run(self, num_requests: int, use_tqdm: bool) -> None:
-        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True,
+        bar = tqdm(total=num_requests, desc="Processed requests", dynamic_ncols=True,
                    disable=not use_tqdm)
         start = time.perf_counter()
         num_input = num_output = 0

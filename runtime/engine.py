@@ -77,20 +77,26 @@ class Engine:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True)")
 
     def add_request(self, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> Request:
+                    params: SamplingParams) -> list[Request]:
+        """Queue the prompt's `params.n` completions; return them in index order."""
         self.check_request(prompt_token_ids, params)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
-        seed = params.seed if params.seed is not None else self.rng.getrandbits(63)
-        req = Request(str(next(self.request_counter)), prompt, prompt_token_ids, params, seed,
-                      stop_ids)
-        if params.detokenize and self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
-                                                     params.skip_special_tokens)
-        self.scheduler.add(req)
+        request_id = str(next(self.request_counter))
+        children: list[Request] = []
+        for index in range(params.n):
+            seed = (params.seed + index if params.seed is not None
+                    else self.rng.getrandbits(63))
+            req = Request(request_id, prompt, prompt_token_ids, params, seed, stop_ids, index,
+                          children[0] if children else None)
+            if params.detokenize and self.tokenizer is not None:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                                         params.skip_special_tokens)
+            self.scheduler.add(req)
+            children.append(req)
         self.num_prompt_tokens += len(prompt_token_ids)
-        return req
+        return children
 
     @property
     def has_unfinished(self) -> bool:
@@ -154,16 +160,18 @@ class Engine:
     def abort_all(self) -> None:
         self.scheduler.abort_all()
 
-    def to_output(self, req: Request) -> RequestOutput:
-        params = req.params
-        completion = CompletionOutput(
-            index=0,
+    def to_output(self, children: list[Request]) -> RequestOutput:
+        """One RequestOutput for a prompt's completions (given in index order)."""
+        wants_logprobs = children[0].params.logprobs is not None
+        completions = [CompletionOutput(
+            index=req.index,
             text=req.text,
             token_ids=req.output_token_ids,
-            cumulative_logprob=req.cumulative_logprob if params.logprobs is not None else None,
-            logprobs=req.logprobs if params.logprobs is not None else None,
+            cumulative_logprob=req.cumulative_logprob if wants_logprobs else None,
+            logprobs=req.logprobs if wants_logprobs else None,
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason,
-        )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
-                             req.is_finished)
+        ) for req in children]
+        first = children[0]
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
+                             completions, all(r.is_finished for r in children))

@@ -13,8 +13,13 @@ class Status(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, stop_token_ids: set[int]):
+                 params: SamplingParams, seed: int, stop_token_ids: set[int], index: int = 0,
+                 first_sibling: "Request | None" = None):
         self.request_id = request_id
+        self.index = index  # which of the prompt's n completions this is
+        # Later siblings of an n > 1 request wait until the first has computed the prompt,
+        # then take its full blocks from the prefix cache instead of recomputing them.
+        self.first_sibling = first_sibling
         self.prompt = prompt
         self.params = params
         self.seed = seed  # the user's seed, or one drawn from the engine's seeded generator
@@ -55,3 +60,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def can_start(self) -> bool:
+        """False only while the first sibling runs and has not computed the prompt yet; a
+        sibling never waits on one that is itself waiting (after preemption), so no two
+        requests can wait on each other."""
+        first = self.first_sibling
+        return first is None or first.status is not Status.RUNNING or \
+            first.num_computed_tokens >= first.num_prompt_tokens

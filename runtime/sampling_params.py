@@ -47,7 +47,6 @@ class SamplingParams:
             check(isinstance(value, int) and not isinstance(value, bool),
                   f"{name} must be an int, got {value!r}")
         check(self.n >= 1, f"n must be at least 1, got {self.n}")
-        check(self.n == 1, f"n > 1 is not supported yet (got n={self.n})")
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.top_k >= -1, f"top_k must be -1 (off), 0 (off) or positive, got {self.top_k}")

@@ -60,6 +60,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if not req.can_start:
+                break
             hits = self.block_manager.prefix_hits(req)
             num_tokens = min(req.num_tokens - len(hits) * self.block_manager.block_size, budget)
             if not self.block_manager.can_allocate(hits, num_tokens):

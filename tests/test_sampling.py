@@ -154,3 +154,46 @@ def test_garbage_in_reused_memory_does_not_reach_attention(tiny_llama):
     llm = tiny_llm(tiny_llama[0])
     for layer in llm.engine.runner.model.attention_layers():
         assert torch.count_nonzero(layer.kv_cache) == 0
+
+
+def test_n_completions_are_seeded_reproducible_and_share_the_prompt(tiny_llama):
+    prompt = {"prompt_token_ids": random_prompts(1, seed=15, min_len=40, max_len=40)[0]}
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
+    llm = tiny_llm(tiny_llama[0], enable_prefix_caching=True)
+    out = llm.generate(prompt, params, use_tqdm=False)
+    assert len(out) == 1 and [c.index for c in out[0].outputs] == [0, 1, 2, 3]
+    draws = [tuple(c.token_ids) for c in out[0].outputs]
+    assert len(set(draws)) == 4  # different seeds per completion
+    # The siblings took the prompt's two full 16-token blocks from the cache.
+    assert llm.engine.block_manager.num_prefix_hits >= 3 * 32
+    again = tiny_llm(tiny_llama[0]).generate(prompt, params, use_tqdm=False)
+    assert [tuple(c.token_ids) for c in again[0].outputs] == draws
+    # Completion i with seed s is the single completion with seed s + i.
+    third = llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=8, seed=9,
+                                                ignore_eos=True), use_tqdm=False)
+    assert tuple(third[0].outputs[0].token_ids) == draws[2]
+    assert_all_blocks_free(llm)
+
+
+def test_n_greedy_completions_are_identical(tiny_llama):
+    llm = tiny_llm(tiny_llama[0])
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]},
+                       SamplingParams(n=3, temperature=0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 1
+    assert out.finished
+
+
+def test_n_completions_under_preemption_finish(tiny_llama):
+    """n > 1 with a cache so small that requests are preempted: every completion finishes
+    with all its tokens."""
+    per_block = 2 * 2 * 4 * 2 * 16 * 4
+    llm = tiny_llm(tiny_llama[0], block_size=4, kv_cache_memory=24 * per_block,
+                   max_model_len=64)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, seed=16, min_len=20,
+                                                                max_len=30)]
+    outs = llm.generate(prompts, SamplingParams(n=3, temperature=0.9, seed=1, max_tokens=20,
+                                                ignore_eos=True), use_tqdm=False)
+    assert all(len(c.token_ids) == 20 for o in outs for c in o.outputs)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_blocks_free(llm)
