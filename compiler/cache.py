@@ -3,7 +3,8 @@
 Artifacts are code that kiln loads and runs, so the directory must belong to the current
 user and be writable by nobody else. Every entry carries the SHA-256 of its bytes and is
 verified before loading; a corrupt or partial entry is deleted and rebuilt, never loaded.
-Entries are written to a temporary name and renamed into place."""
+Entries are written to a temporary name and renamed into place. Inductor's and Triton's
+kernel builds live in subdirectories (see compiler/inductor.py), under the same checks."""
 
 import hashlib
 import json
@@ -106,12 +107,16 @@ class CompileCache:
         return out
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*") if p.is_file())
+        """Artifacts plus the kernel builds kept beside them."""
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
     def clear(self) -> int:
+        """Remove every artifact and kernel build; returns the number of files removed."""
         removed = 0
-        for path in self.root.glob("*"):
-            if path.is_file():
+        for path in sorted(self.root.rglob("*"), reverse=True):  # files before their dirs
+            if path.is_dir():
+                path.rmdir()
+            else:
                 path.unlink()
                 removed += 1
         return removed

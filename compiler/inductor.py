@@ -4,6 +4,7 @@ kiln compiles graph pieces itself (so identical decoder layers share one compile
 artifacts can be saved under kiln's own cache keys); torch offers that through
 `torch._inductor.standalone_compile` and `CompiledArtifact`, which have no public alias yet."""
 
+import os
 from pathlib import Path
 
 import torch
@@ -36,3 +37,12 @@ def configure_dynamo(limit: int) -> None:
         config.recompile_limit = limit
     if getattr(config, "cache_size_limit", limit) < limit:
         config.cache_size_limit = limit
+
+
+def keep_builds_in(path: Path) -> None:
+    """Keep Inductor's and Triton's build caches (compiled C++ and GPU kernels) under kiln's
+    cache instead of the temporary directory: a saved artifact holds generated source, and
+    loading it without those builds compiles every kernel again (65 s instead of 15 s for
+    SmolLM2 here). A cache directory the user chose is left alone."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..compiler.backend import KilnBackend
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
-from ..compiler.inductor import configure_dynamo
+from ..compiler.inductor import configure_dynamo, keep_builds_in
 from ..models import AttentionMetadata, attention_context
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
@@ -39,6 +39,8 @@ class GraphRunner:
         self.cuda_graphs = None
         if enforce_eager:
             return
+        if cache is not None:
+            keep_builds_in(cache.root)  # before anything imports Inductor: it reads this once
         configure_dynamo(64)
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
         # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo

@@ -170,3 +170,26 @@ def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
     assert counts == [(4, 4, 0, 4)]  # qkv, o, gate_up and down projections
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
+    """Inductor's C++/Triton builds go under the compile cache, not the temp directory, so a
+    filled cache starts warm after /tmp is wiped. Checked in a fresh process: the setting must
+    be made before anything imports Inductor."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "from kiln import LLM\n"
+        "LLM(sys.argv[1], skip_tokenizer_init=True, kv_cache_memory=16 << 20, max_num_seqs=2,"
+        " max_num_batched_tokens=2, compilation_config={'sizes': [2], 'cache_dir': sys.argv[2]})\n"
+        "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR",
+                                                            "TRITON_CACHE_DIR")}
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_llama[0]),
+                             str(tmp_path / "cache")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "cache" / "inductor")
+    assert any((tmp_path / "cache" / "inductor").rglob("*"))
