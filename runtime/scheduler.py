@@ -52,11 +52,13 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(req.num_uncomputed_tokens, budget)
-            if not self._make_room(req, num_tokens, scheduled):
+            fits, budget_returned = self._make_room(req, num_tokens, scheduled)
+            budget += budget_returned
+            if not fits:
                 continue
             self.block_manager.append(req, num_tokens)
             scheduled[req] = num_tokens
-            budget = self.max_num_batched_tokens - sum(scheduled.values())
+            budget -= num_tokens
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -78,16 +80,17 @@ class Scheduler:
         num_decodes = sum(1 for r in requests if scheduled[r] == 1)
         return ScheduledBatch(requests, [scheduled[r] for r in requests], num_decodes)
 
-    def _make_room(self, req: Request, num_tokens: int, scheduled: dict) -> bool:
-        """Preempt the newest running requests (unscheduling them if already scheduled) until
-        `req` can grow; False if `req` itself had to be preempted."""
+    def _make_room(self, req: Request, num_tokens: int, scheduled: dict) -> tuple[bool, int]:
+        """Preempt the newest running requests until `req` can grow. Returns whether `req`
+        itself survived, and the tokens of already scheduled victims (back to the budget)."""
+        returned = 0
         while not self.block_manager.can_append(req, num_tokens):
             victim = self.running[-1]
             self._preempt(victim)
-            scheduled.pop(victim, None)
+            returned += scheduled.pop(victim, 0)
             if victim is req:
-                return False
-        return True
+                return False, returned
+        return True, returned
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
