@@ -31,17 +31,14 @@ def load_tokenizer(config: EngineConfig):
 
 def _eos_token_ids(config: EngineConfig, tokenizer) -> set[int]:
     """EOS ids from the tokenizer and from generation_config.json, as vLLM stops on both."""
-    ids = set()
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+    def as_set(eos) -> set[int]:  # configs give one id, a list of ids, or none
+        return set(eos) if isinstance(eos, list) else set() if eos is None else {eos}
+
+    ids = as_set(tokenizer.eos_token_id if tokenizer is not None else None)
     path = Path(config.model.path) / "generation_config.json"
     if path.is_file():
-        eos = json.loads(path.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if not ids and getattr(config.model.hf_config, "eos_token_id", None) is not None:
-        eos = config.model.hf_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos])
-    return ids
+        ids |= as_set(json.loads(path.read_text()).get("eos_token_id"))
+    return ids or as_set(getattr(config.model.hf_config, "eos_token_id", None))
 
 
 class Engine:
