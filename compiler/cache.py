@@ -57,6 +57,20 @@ class CompileCache:
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.bin", self.root / f"{key}.json"
 
+    def contains(self, key: str) -> bool:
+        """Whether a verified entry exists (a corrupt one is removed), without loading it."""
+        artifact_path, meta_path = self._paths(key)
+        if not meta_path.is_file():
+            return False
+        try:
+            if _digest(artifact_path) == json.loads(meta_path.read_text())["sha256"]:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        logger.warning("compile cache entry %s is corrupt; recompiling", key)
+        self.remove(key)
+        return False
+
     def load(self, key: str):
         artifact_path, meta_path = self._paths(key)
         if not meta_path.is_file():

@@ -80,25 +80,25 @@ class LLM:
         **kwargs,
     ):
         _reject_unknown(kwargs, list(inspect.signature(LLM.__init__).parameters)[1:-1])
-        from .models.loader import read_config
+        from .models.config import read_config
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         folder = resolve_model(model, revision)
-        hf_config = read_config(folder)
+        arch_config = read_config(folder)
         tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
         if trust_remote_code:
             logger.info("trust_remote_code=True: kiln never runs a repository's code; "
                         "it builds only the architectures it implements")
-        max_len = resolve_max_model_len(max_model_len, hf_config)
+        max_len = resolve_max_model_len(max_model_len, arch_config)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(8192 if device.type == "cuda" else 2048, max_num_seqs)
-        checkpoint_dtype = getattr(hf_config, "dtype", None) or torch.float32
+        checkpoint_dtype = arch_config.dtype or torch.float32
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
         compilation = CompilationConfig.from_user(compilation_config)
         self.config = EngineConfig(
             model=ModelConfig(
-                path=str(folder), hf_config=hf_config, tokenizer=str(tokenizer_folder),
+                path=str(folder), arch_config=arch_config, tokenizer=str(tokenizer_folder),
                 tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
                 dtype=resolve_dtype(dtype, checkpoint_dtype, device),
                 max_model_len=max_len, seed=seed, load_format=load_format,
@@ -118,7 +118,8 @@ class LLM:
             logger.info("compiled in %.1f s", time.perf_counter() - start)
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        """The transformers tokenizer (None with skip_tokenizer_init=True)."""
+        return None if self.engine.tokenizer is None else self.engine.tokenizer.hf
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -207,7 +208,7 @@ class LLM:
                 raise ValueError(f"unknown role {message['role']!r} in a chat message; "
                                  f"known roles: {', '.join(_CHAT_ROLES)}")
         try:
-            text = tokenizer.apply_chat_template(
+            text = tokenizer.hf.apply_chat_template(
                 list(conversation), chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **kwargs)

@@ -20,21 +20,11 @@ from .layers import (
 )
 
 
-def rope_parameters(config) -> dict:
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-                or {})
-    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return rope
-
-
 def sliding_window_of_layer(config, layer: int) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return window if layer_types[layer] == "sliding_attention" else None
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    return window
+    if config.layer_types is not None:
+        return config.sliding_window if config.layer_types[layer] == "sliding_attention" \
+            else None
+    return config.sliding_window
 
 
 class LlamaAttention(nn.Module):
@@ -43,12 +33,12 @@ class LlamaAttention(nn.Module):
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
-        qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        self.head_dim = config.head_dim
+        qkv_bias = config.attention_bias or config.model_type == "qwen2"
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, self.num_heads,
                                           self.num_kv_heads, bias=qkv_bias)
         self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, hidden,
-                                        bias=getattr(config, "attention_bias", False))
+                                        bias=config.attention_bias)
         self.has_qk_norm = config.model_type == "qwen3"
         if self.has_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -72,7 +62,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias = config.mlp_bias
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias)
         self.act = SiluAndMul()
@@ -101,11 +91,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads)
         # One table for all layers: they rotate by the same angles.
-        rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings,
-                                     rope_parameters(config))
+        rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                     config.rope_parameters)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -138,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = bool(config.tie_word_embeddings)
         if not self.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 

@@ -9,35 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from . import ARCHITECTURES, model_class, supported_architectures
-
-
-def read_config(folder: str | Path):
-    """The checkpoint's transformers config, after checking that kiln can build it."""
-    from transformers import AutoConfig
-
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise OSError(f"no config.json in model folder {folder}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    architectures = raw.get("architectures") or []
-    known = [a for a in architectures if a in ARCHITECTURES]
-    if not known:
-        raise ValueError(
-            f"architecture {architectures or raw.get('model_type')!r} in {path} is not "
-            f"supported by kiln; supported: {', '.join(supported_architectures())}"
-        )
-    try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"invalid model config {path}: {e}") from e
-    config.architectures = [known[0]]
-    return config
+from . import model_class
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype,
 @dataclass
 class ModelConfig:
     path: str  # a local folder holding config.json and safetensors weights
-    hf_config: object
+    arch_config: object
     tokenizer: str
     tokenizer_mode: str
     skip_tokenizer_init: bool
@@ -75,11 +75,11 @@ class ModelConfig:
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_config.vocab_size
+        return self.arch_config.vocab_size
 
 
-def resolve_max_model_len(requested: int | None, hf_config) -> int:
-    supported = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+def resolve_max_model_len(requested: int | None, arch_config) -> int:
+    supported = arch_config.max_position_embeddings
     if requested is None:
         return supported
     if not isinstance(requested, int) or requested < 1:
@@ -144,7 +144,6 @@ class EngineConfig:
             version = importlib.metadata.version("kiln")
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
-        model = self.model.hf_config.to_dict()
-        model.pop("_name_or_path", None)  # where the weights live does not change the code
+        model = self.model.arch_config.to_dict()
         return (f"{sorted(model.items())}|{self.model.dtype}|{self.device.type}|tp=1|"
                 f"torch {torch.__version__}|kiln {version}")

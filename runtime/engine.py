@@ -14,19 +14,9 @@ from .outputs import CompletionOutput, Logprob, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .tokenizer import Tokenizer
 
 logger = logging.getLogger("kiln")
-
-
-def load_tokenizer(config: EngineConfig):
-    from transformers import AutoTokenizer
-
-    mc = config.model
-    try:
-        return AutoTokenizer.from_pretrained(mc.tokenizer, use_fast=mc.tokenizer_mode != "slow",
-                                             trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise OSError(f"cannot load the tokenizer from {mc.tokenizer}: {e}") from e
 
 
 def _eos_token_ids(config: EngineConfig, tokenizer) -> set[int]:
@@ -38,13 +28,15 @@ def _eos_token_ids(config: EngineConfig, tokenizer) -> set[int]:
     path = Path(config.model.path) / "generation_config.json"
     if path.is_file():
         ids |= as_set(json.loads(path.read_text()).get("eos_token_id"))
-    return ids or as_set(getattr(config.model.hf_config, "eos_token_id", None))
+    return ids or as_set(config.model.arch_config.eos_token_id)
 
 
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config)
+        mc = config.model
+        self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.tokenizer,
+                                                                       mc.tokenizer_mode)
         self.eos_token_ids = _eos_token_ids(config, self.tokenizer)
         self.runner = ModelRunner(config)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,

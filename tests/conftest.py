@@ -94,6 +94,14 @@ def assert_all_blocks_free(llm: LLM) -> None:
 
 
 @pytest.fixture(scope="session")
+def smollm2_folder():
+    """The embedded SmolLM2 converted into a checkpoint folder (once per cache)."""
+    from kiln.resolve import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real embedded SmolLM2-135M-Instruct (converted once into the kiln cache)."""
     return LLM(enforce_eager=True)
