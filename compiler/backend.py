@@ -8,6 +8,7 @@ that trace, so tracing time does not grow with depth. The traced graph is split 
 Inductor separately for each token count it is called with (a static shape per bucket).
 Pieces are keyed by their structure and input shapes, never by which layer they came from."""
 
+import copy
 import hashlib
 import logging
 import time
@@ -163,9 +164,6 @@ class KilnBackend:
         self.counters.num_traces += 1
         static_size = next(a.shape[0] for a in example_inputs  # the positions input
                            if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
-        is_single_token = isinstance(static_size, int) and static_size == 1
-        if is_single_token and "single_token_linear_as_reduction" in self.config.passes:
-            single_token_linear_as_reduction(gm)
         pieces: dict[fx.Node, int] = {}
         piece = 0
         for node in gm.graph.nodes:
@@ -189,11 +187,20 @@ class KilnBackend:
         for piece in self.pieces:
             piece.prepare(size)
 
+    def _rewritten(self, gm: fx.GraphModule, size: int) -> fx.GraphModule:
+        """The piece's graph after kiln's passes for this size (a copy if any applies)."""
+        if size != 1 or "single_token_linear_as_reduction" not in self.config.passes:
+            return gm
+        gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        single_token_linear_as_reduction(gm)
+        return gm
+
     def _key(self, piece: Piece, size: int, args: list) -> str:
         if size not in self.sizes:
             raise UncompiledSizeError(
                 f"called with {size} tokens; compiled sizes are {sorted(self.sizes)}")
         return hashlib.sha256(f"{self.cache_salt}|{self.config.inductor_config()}|"
+                              f"{self.config.passes}|"
                               f"{piece.structure}|{_signature(args)}".encode()).hexdigest()[:32]
 
     def ensure(self, piece: Piece, size: int, args: list):
@@ -215,7 +222,8 @@ class KilnBackend:
         if artifact is not None:
             self.counters.num_cache_loads += 1
         else:
-            artifact = compile_piece(piece.gm, args, self.config.inductor_config())
+            artifact = compile_piece(self._rewritten(piece.gm, size), args,
+                                     self.config.inductor_config())
             self.counters.num_compiles += 1
             if self.cache is not None:
                 self.cache.save(key, artifact)

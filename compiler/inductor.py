@@ -5,6 +5,7 @@ artifacts can be saved under kiln's own cache keys); torch offers that through
 `torch._inductor.standalone_compile` and `CompiledArtifact`, which have no public alias yet."""
 
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -25,13 +26,15 @@ def load_artifact(path: Path):
 
 
 def configure_dynamo(limit: int) -> None:
-    """Settings for tracing one decoder layer with symbolic sizes.
+    """Settings for tracing one decoder layer once, with a symbolic token count.
 
     Duck sizing would give the token count the same symbol as any weight dimension of equal
     value (64 tokens and a head_dim of 64), guarding on that equality and forcing a new
     trace for every other count. Dynamo also gives up on a function after a few distinct
     guards; several engines may live in one process (tests)."""
     torch.fx.experimental._config.use_duck_shape = False
+    # Dynamo would otherwise give a token count of 1 a trace of its own (1.1 s per start).
+    torch.fx.experimental._config.backed_size_oblivious = True
     config = torch._dynamo.config
     if getattr(config, "recompile_limit", limit) < limit:
         config.recompile_limit = limit
@@ -46,3 +49,36 @@ def keep_builds_in(path: Path) -> None:
     SmolLM2 here). A cache directory the user chose is left alone."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+
+
+def _vec_isa_marker(root: Path) -> Path:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return root / f"vec-isa-ok-{platform.machine()}-{capability}-torch-{torch.__version__}"
+
+
+def configure_inductor(root: Path) -> None:
+    """CPU settings that keep a warm start from redoing per-process checks (1 s here):
+
+    - no precompiled headers: with them, every process preprocesses and hashes the kernel
+      header before it may load an already built kernel (cold compiles take as long either
+      way here; the setting changes kernel keys, so it is always the same);
+    - once a compile in this cache found that the vector instruction set builds and loads,
+      trust it instead of building and loading a probe library in a subprocess again
+      (this does not change kernel keys). Environment variables the user set win."""
+    import torch._inductor.config as inductor_config
+
+    if "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS" not in os.environ:
+        inductor_config.cpp_cache_precompile_headers = False
+    if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ and _vec_isa_marker(root).exists():
+        inductor_config.cpp.vec_isa_ok = True
+
+
+def remember_vec_isa(root: Path) -> None:
+    """After warm-up on CPU: record whether Inductor's vector instruction set check passed
+    (compiling or loading a kernel ran it, and its answer is cached in the process)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if inductor_config.cpp.vec_isa_ok is None and pick_vec_isa():
+        _vec_isa_marker(root).touch()
+

@@ -1,4 +1,4 @@
-"""kiln's own FX passes, run on each graph Dynamo traces, before it is split at attention."""
+"""kiln's own FX passes, run on a graph piece before Inductor compiles it for one size."""
 
 import torch
 import torch.nn.functional as F
@@ -8,15 +8,15 @@ _LINEAR = (torch._C._nn.linear, F.linear)
 
 
 def single_token_linear_as_reduction(gm: fx.GraphModule) -> int:
-    """In a graph traced for one token, compute y = x W^T as sum(x * W, -1).
+    """In a piece compiled for one token, compute y = x W^T as sum(x * W, -1).
 
     For one row, a BLAS call is a matrix-vector product behind an opaque call: Inductor
     cannot fuse anything into it, and on this machine's CPU it streams weights at about
     7 GB/s. Written as a broadcast multiply and a row reduction, the product becomes an
     ordinary Inductor reduction: one vectorised pass over W, fused with what produces x
     (RMSNorm, SiLU·mul) and what consumes y (rotary, residual add). Returns the number of
-    linears rewritten. Only for graphs whose token count is statically 1: for more rows the
-    reduction would read W once per row."""
+    linears rewritten. Only for a token count of 1: for more rows the reduction would read
+    W once per row."""
     rewritten = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _LINEAR:

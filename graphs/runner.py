@@ -13,7 +13,12 @@ from tqdm.auto import tqdm
 from ..compiler.backend import KilnBackend
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
-from ..compiler.inductor import configure_dynamo, keep_builds_in
+from ..compiler.inductor import (
+    configure_dynamo,
+    configure_inductor,
+    keep_builds_in,
+    remember_vec_isa,
+)
 from ..models import AttentionMetadata, attention_context
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
@@ -39,8 +44,10 @@ class GraphRunner:
         self.cuda_graphs = None
         if enforce_eager:
             return
+        self.cache = cache
         if cache is not None:
             keep_builds_in(cache.root)  # before anything imports Inductor: it reads this once
+            configure_inductor(cache.root)
         configure_dynamo(64)
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
         # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo
@@ -77,13 +84,11 @@ class GraphRunner:
         return hidden[:num_tokens]
 
     def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata]) -> None:
-        """Trace with one small forward pass (and one of a single token, if 1 is a size:
-        Dynamo specialises it), make every other size ready without running it, then
-        capture the decode sizes on CUDA."""
+        """Trace with one forward pass of the smallest size, make every other size ready
+        without running it, then capture the decode sizes on CUDA."""
         if self.backend is None:
             return
-        traced = [s for s in self.sizes if s == 1] + [next((s for s in self.sizes if s > 1),
-                                                           self.sizes[0])]
+        traced = self.sizes[:1]
         bar = tqdm(self.sizes, desc="Compiling sizes", unit="size", dynamic_ncols=True)
         for size in bar:
             start = time.perf_counter()
@@ -94,6 +99,8 @@ class GraphRunner:
             else:
                 self.backend.prepare(size)
             bar.set_postfix_str(f"{size} tokens: {time.perf_counter() - start:.1f} s")
+        if self.device.type == "cpu" and self.cache is not None:
+            remember_vec_isa(self.cache.root)
         if self.cuda_graphs is not None:
             with torch.inference_mode():
                 self.cuda_graphs.capture(self.decode_sizes)

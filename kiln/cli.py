@@ -41,6 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="complete one or more prompts")
     generate.add_argument("prompts", nargs="+")
     _add_common(generate)
+    commands.add_parser("bench", add_help=False,
+                        help="benchmark kiln against other engines (kiln bench --help)")
     chat = commands.add_parser("chat", help="answer one user message with the chat template")
     chat.add_argument("message")
     chat.add_argument("--system", default=None, help="system message")
@@ -49,6 +51,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the harness parses its own arguments
+        from .benchmarks.harness import main as bench
+
+        return bench(argv[1:])
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")

@@ -83,6 +83,8 @@ class LLM:
         from .models.config import read_config
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        compilation = CompilationConfig.from_user(compilation_config)
+        compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         folder = resolve_model(model, revision)
         arch_config = read_config(folder)
         tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
@@ -95,7 +97,6 @@ class LLM:
         checkpoint_dtype = arch_config.dtype or torch.float32
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
-        compilation = CompilationConfig.from_user(compilation_config)
         self.config = EngineConfig(
             model=ModelConfig(
                 path=str(folder), arch_config=arch_config, tokenizer=str(tokenizer_folder),
@@ -109,7 +110,7 @@ class LLM:
             compilation=compilation,
             device=device,
             enforce_eager=bool(enforce_eager),
-            compile_cache_dir=Path(compilation.cache_dir or cache_dir() / "compile"),
+            compile_cache_dir=compile_cache_dir,
         )
         self.engine = Engine(self.config)
         if not enforce_eager:

