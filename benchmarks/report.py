@@ -1,0 +1,216 @@
+"""From raw samples to figures: per-engine summaries, ratios, roofline shares, and the
+markdown table, PNG chart and README section built from them."""
+
+from pathlib import Path
+
+from .roofline import decode_fraction, throughput_fraction
+from .stats import summarize, token_timing
+
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "f32": 4, "f16": 2}
+README_START, README_END = "<!-- kiln-bench:start -->", "<!-- kiln-bench:end -->"
+
+
+def _start_times(runs: list[dict]) -> dict:
+    ready = [r["ready"] - r["spawned"] for r in runs]
+    first = [r["startup"][0]["first_token"] - r["spawned"] for r in runs]
+    return {"ready_s": summarize(ready).to_dict(), "first_token_s": summarize(first).to_dict()}
+
+
+def summarize_engine(raw: dict, prompt_tokens: int) -> dict:
+    out = {}
+    main = raw.get("main", {})
+    if main.get("latency"):
+        per_rep = [token_timing(s["start"], s["token_times"]) for s in main["latency"]]
+        out["latency"] = {k: summarize([r[k] for r in per_rep]).to_dict() for k in per_rep[0]}
+    if main.get("throughput"):
+        samples = main["throughput"]
+        out["throughput"] = {
+            "output_tok_s": summarize([s["output_tokens"] / s["seconds"]
+                                       for s in samples]).to_dict(),
+            "total_tok_s": summarize([(s["output_tokens"] + prompt_tokens) / s["seconds"]
+                                      for s in samples]).to_dict()}
+    if main.get("unsupported"):
+        out["unsupported"] = main["unsupported"]
+    if raw.get("startup_warm"):
+        out["startup"] = _start_times(raw["startup_warm"])
+    if raw.get("startup_cold"):
+        cold = raw["startup_cold"]
+        out["startup_cold"] = {**_start_times([cold]),
+                               "compile_seconds_by_size": cold.get("compile_seconds", {})}
+    if main:
+        out["memory"] = {"peak_rss_mib": main["peak_rss_bytes"] / 2**20,
+                         "peak_gpu_mib": main.get("peak_gpu_bytes", 0) / 2**20 or None,
+                         "kv_blocks": main.get("kv_blocks")}
+    return out
+
+
+def vllm_reference(precision: str) -> str:
+    return "vllm" if precision in ("float32", "f32") else "vllm-bf16"
+
+
+def summarize_report(report: dict) -> dict:
+    """Per engine: its summaries, ratios to transformers eager and to vLLM at the same
+    precision, and its share of the machine's ceilings."""
+    roof = report["roofline"]
+    numbers = report["model_numbers"]
+    prompt_tokens = report["prompts"]["throughput_prompt_tokens"]
+    summary = {name: summarize_engine(e["raw"], prompt_tokens)
+               for name, e in report["engines"].items()}
+
+    def median(name: str, workload: str, metric: str) -> float | None:
+        value = summary.get(name, {}).get(workload, {}).get(metric)
+        return value["median"] if value else None
+
+    for name, s in summary.items():
+        engine = report["engines"][name]
+        precision = engine["precision"]
+        weight_bytes = engine.get("weight_bytes") or \
+            numbers["params"] * BYTES_PER_WEIGHT.get(precision, 4)
+        decode = median(name, "latency", "decode_tok_s")
+        output = median(name, "throughput", "output_tok_s")
+        total = median(name, "throughput", "total_tok_s")
+        ratios = {}
+        for ref_name, ref in (("transformers", "transformers"),
+                              ("vllm", vllm_reference(precision))):
+            ref_decode = median(ref, "latency", "decode_tok_s")
+            ref_output = median(ref, "throughput", "output_tok_s")
+            ratios[f"decode_vs_{ref_name}"] = decode / ref_decode if decode and ref_decode \
+                else None
+            ratios[f"output_vs_{ref_name}"] = output / ref_output if output and ref_output \
+                else None
+        s["ratios"] = ratios
+        peak = roof["matmul_flops"]["bfloat16" if precision in ("bfloat16", "f16")
+                                    else "float32"]
+        s["roofline"] = {
+            "weight_bytes": weight_bytes,
+            "decode_share_of_bandwidth": decode_fraction(decode, weight_bytes,
+                                                         roof["bandwidth_bytes_s"])
+            if decode else None,
+            "throughput_share_of_matmul_peak": throughput_fraction(
+                total, numbers["matmul_params"], peak) if total else None,
+        }
+    return summary
+
+
+def _cell(summary: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not summary:
+        return "–"
+    med, lo, hi = (summary[k] * scale for k in ("median", "min", "max"))
+    if summary["n"] == 1 or lo == hi:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f} %"
+
+
+def render_markdown(report: dict) -> str:
+    m, roof, summary = report["machine"], report["roofline"], report["summary"]
+    bandwidth = roof["bandwidth_bytes_s"]
+    params = report["model_numbers"]["params"]
+    lines = [
+        f"Measured {report['date']} on {m.get('cpu', 'an unknown CPU')}, {m['cores']} cores, "
+        f"{m.get('memory_gib', '?')} GiB" + (f", {m['gpu']}" if m.get("gpu") else "") +
+        f"; torch {report['versions']['torch']}, transformers "
+        f"{report['versions']['transformers']}. Model: {Path(report['model']).name} "
+        f"({params / 1e6:.0f} M parameters). Prompts: {report['prompts']['source']}.",
+        "",
+        f"Ceilings measured at the start of the run: memory bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s, so batch-1 decode cannot exceed "
+        f"{bandwidth / (4 * params):.0f} tok/s in float32 or {bandwidth / (2 * params):.0f} "
+        f"in 16-bit; matmul {roof['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s in float32, "
+        f"{roof['matmul_flops']['bfloat16'] / 1e9:.0f} in bfloat16.",
+        "",
+        "Medians of the repetitions, (min–max) where they differ. latency: one "
+        f"{report['prompts']['latency_len']}-token prompt, 128 new tokens; throughput: 64 "
+        "prompts of 128 tokens at once, 128 new tokens each; start: new process to ready "
+        "and to its first token, compile cache warm (cold: empty).",
+        "",
+        "| engine | precision | decode tok/s | ITL p50 / p99 ms | TTFT ms | output tok/s | "
+        "total tok/s | ready s | first token s | cold first token s | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in summary.items():
+        lat, thr = s.get("latency", {}), s.get("throughput", {})
+        start, cold = s.get("startup", {}), s.get("startup_cold", {})
+        itl = (f"{lat['itl_p50_ms']['median']:.1f} / {lat['itl_p99_ms']['median']:.1f}"
+               if lat else "–")
+        rss = s.get("memory", {}).get("peak_rss_mib")
+        lines.append(
+            f"| {name} | {report['engines'][name]['precision']} | "
+            f"{_cell(lat.get('decode_tok_s'))} | {itl} | "
+            f"{_cell(lat.get('ttft_s'), 1000, 0)} | {_cell(thr.get('output_tok_s'))} | "
+            f"{_cell(thr.get('total_tok_s'))} | {_cell(start.get('ready_s'))} | "
+            f"{_cell(start.get('first_token_s'))} | {_cell(cold.get('first_token_s'))} | "
+            f"{'–' if rss is None else f'{rss:.0f}'} |")
+    lines += [
+        "",
+        "| engine | decode × transformers | decode × vLLM | output × transformers | "
+        "output × vLLM | decode share of bandwidth ceiling | throughput share of matmul peak |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in summary.items():
+        r, roofs = s["ratios"], s["roofline"]
+        lines.append(
+            f"| {name} | {_ratio(r['decode_vs_transformers'])} | {_ratio(r['decode_vs_vllm'])} "
+            f"| {_ratio(r['output_vs_transformers'])} | {_ratio(r['output_vs_vllm'])} | "
+            f"{_share(roofs['decode_share_of_bandwidth'])} | "
+            f"{_share(roofs['throughput_share_of_matmul_peak'])} |")
+    notes = [f"- {name}: {why}" for name, s in summary.items()
+             for why in s.get("unsupported", {}).values()]
+    notes += [f"- {name} skipped: {why}" for name, why in report["skipped"].items()]
+    if notes:
+        lines += ["", "Not measured:", *notes]
+    if report.get("command"):
+        lines += ["", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(report: dict, path: Path) -> Path | None:
+    """Bars of decode and output tokens/s per engine, with min–max whiskers. None if
+    matplotlib is missing (the JSON and markdown are written regardless)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    summary = report["summary"]
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2), sharey=True)
+    for ax, (workload, metric, title) in zip(axes, [
+            ("latency", "decode_tok_s", "latency: batch-1 decode tok/s"),
+            ("throughput", "output_tok_s", "throughput: output tok/s (64 prompts)")]):
+        values = [summary[n].get(workload, {}).get(metric) for n in names]
+        med = [v["median"] if v else 0 for v in values]
+        err = [[v["median"] - v["min"] if v else 0 for v in values],
+               [v["max"] - v["median"] if v else 0 for v in values]]
+        colors = ["tab:orange" if n.startswith("kiln") else "tab:gray" for n in names]
+        ax.barh(names, med, xerr=err, color=colors)
+        ax.set_title(title)
+        ax.invert_yaxis()
+        for y, (v, m) in enumerate(zip(values, med)):
+            ax.text(m, y, f" {m:.0f}" if v else " not measured", va="center")
+    fig.suptitle(f"kiln bench, {report['date']}, {report['machine'].get('cpu', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def update_readme(readme: Path, report: dict) -> None:
+    """Replace the README's generated Performance block with this run's table."""
+    block = f"{README_START}\n{render_markdown(report)}{README_END}"
+    text = readme.read_text()
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        text = head + block + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Performance\n\n" + block + "\n"
+    readme.write_text(text)

@@ -1,0 +1,203 @@
+"""One engine, in a process of its own: load it, run the job's workloads, write raw samples.
+
+The harness runs this file by path with the engine's own Python (vLLM and llama.cpp may live
+in virtual environments of their own), so it imports nothing from kiln at the top and each
+engine's library only inside its adapter. It reports raw timestamps; the harness does the
+statistics. Progress goes to stderr, one line per step."""
+
+import json
+import os
+import resource
+import sys
+import time
+
+
+class Unsupported(Exception):
+    """The engine has no way to run this workload (the report says why)."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class KilnEngine:
+    def __init__(self, job: dict):
+        from kiln import LLM, SamplingParams
+
+        # Token ids in, token ids out, like every engine here (no detokenizing).
+        self.params = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                               detokenize=False)
+        self.llm = LLM(job["model"], dtype=job["dtype"], enforce_eager=job.get("eager", False),
+                       max_model_len=job["max_model_len"], skip_tokenizer_init=True,
+                       compilation_config={"cache_dir": job.get("compile_cache")})
+        backend = self.llm.engine.runner.graph_runner.backend
+        self.compile_seconds = dict(backend.counters.seconds_by_size) if backend else {}
+
+    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+        engine = self.llm.engine
+        (req,) = engine.add_request(None, prompt, self.params(max_tokens))
+        times = []
+        while engine.has_unfinished:
+            engine.step()
+            times += [time.perf_counter()] * (req.num_output_tokens - len(times))
+        return times
+
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 self.params(max_tokens), use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def kv_blocks(self) -> int:
+        return self.llm.engine.block_manager.num_blocks
+
+
+class TransformersEngine:
+    def __init__(self, job: dict):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        dtype = getattr(torch, job["dtype"])
+        self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).eval()
+        self.compiled = job.get("compile", False)
+        if self.compiled:  # transformers' documented recipe: static cache + compiled forward
+            self.model.generation_config.cache_implementation = "static"
+            self.model.forward = torch.compile(self.model.forward)
+        self.compile_seconds = {}
+
+    def _generate(self, ids, max_tokens: int, streamer=None):
+        with self.torch.inference_mode():
+            return self.model.generate(
+                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None,
+                top_k=None, streamer=streamer, pad_token_id=0)
+
+    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+        times = []
+
+        class Clock:  # transformers' streamer interface: put() gets the prompt, then tokens
+            def __init__(self):
+                self.seen_prompt = False
+
+            def put(self, value):
+                if self.seen_prompt:
+                    times.append(time.perf_counter())
+                self.seen_prompt = True
+
+            def end(self):
+                pass
+
+        self._generate(self.torch.tensor([prompt]), max_tokens, Clock())
+        return times
+
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+        out = self._generate(self.torch.tensor(prompts), max_tokens)
+        return (out.shape[1] - len(prompts[0])) * out.shape[0]
+
+    def kv_blocks(self) -> None:
+        return None
+
+
+class VllmEngine:
+    def __init__(self, job: dict):
+        from vllm import LLM, SamplingParams
+
+        self.params = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                               detokenize=False)
+        self.llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=job["max_model_len"],
+                       seed=0)
+        self.compile_seconds = {}
+
+    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+        engine = self.llm.llm_engine
+        engine.add_request("stream", {"prompt_token_ids": prompt}, self.params(max_tokens))
+        times = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                times += [time.perf_counter()] * (len(out.outputs[0].token_ids) - len(times))
+        return times
+
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 self.params(max_tokens), use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    def kv_blocks(self) -> int | None:
+        return getattr(self.llm.llm_engine.vllm_config.cache_config, "num_gpu_blocks", None)
+
+
+class LlamaCppEngine:
+    def __init__(self, job: dict):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=job["gguf"], n_ctx=job["max_model_len"],
+                         n_threads=os.cpu_count(), n_batch=512, seed=0, verbose=False)
+        self.compile_seconds = {}
+
+    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+        times = []
+        # generate() yields tokens with no EOS check of its own; top_k=1 is greedy.
+        for _ in self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                   reset=True):
+            times.append(time.perf_counter())
+            if len(times) == max_tokens:
+                break
+        return times
+
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+        raise Unsupported("llama-cpp-python's API generates one sequence at a time")
+
+    def kv_blocks(self) -> None:
+        return None
+
+
+ENGINES = {"kiln": KilnEngine, "transformers": TransformersEngine, "vllm": VllmEngine,
+           "llama.cpp": LlamaCppEngine}
+
+
+def run(job: dict) -> dict:
+    result = {"imported": time.time()}
+    engine = ENGINES[job["family"]](job)
+    result["ready"] = time.time()
+    result["compile_seconds"] = engine.compile_seconds
+    prompts = job["prompts"]
+    for name, spec in job["workloads"].items():
+        samples = []
+        try:
+            for rep in range(spec["repeats"]):
+                log(f"{name} {rep + 1}/{spec['repeats']}")
+                if name == "latency":
+                    start = time.perf_counter()
+                    times = engine.stream(prompts["latency"][0], spec["max_tokens"])
+                    samples.append({"start": start, "token_times": times})
+                elif name == "startup":  # one token, timed from process start by the harness
+                    engine.stream(prompts["latency"][0], 1)
+                    samples.append({"first_token": time.time()})
+                else:
+                    start = time.perf_counter()
+                    tokens = engine.batch(prompts["throughput"], spec["max_tokens"])
+                    samples.append({"seconds": time.perf_counter() - start,
+                                    "output_tokens": tokens})
+        except Unsupported as e:
+            result.setdefault("unsupported", {})[name] = str(e)
+            continue
+        result[name] = samples
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["kv_blocks"] = engine.kv_blocks()
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        result["peak_gpu_bytes"] = sys.modules["torch"].cuda.max_memory_allocated()
+    return result
+
+
+def main() -> int:
+    job = json.loads(open(sys.argv[1]).read())
+    result = run(job)
+    with open(job["result_path"], "w") as f:
+        json.dump(result, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown (seconds with torch's compiler loaded)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

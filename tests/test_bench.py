@@ -1,0 +1,159 @@
+"""The benchmark harness: workloads, statistics, roofline arithmetic and reports, and one real
+run of the harness on a tiny model with the engines every machine has."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kiln.benchmarks.harness import ENGINES, bench
+from kiln.benchmarks.report import render_markdown, summarize_report, update_readme
+from kiln.benchmarks.roofline import decode_fraction, model_numbers, throughput_fraction
+from kiln.benchmarks.stats import percentile, summarize, token_timing
+from kiln.benchmarks.workloads import jsonl_prompts, synthetic_prompts
+
+
+def test_synthetic_prompts_are_seeded_distinct_and_exact():
+    a = synthetic_prompts(64, 128, 49152, seed=1)
+    assert a == synthetic_prompts(64, 128, 49152, seed=1)
+    assert a != synthetic_prompts(64, 128, 49152, seed=2)
+    assert len({tuple(p) for p in a}) == 64
+    assert all(len(p) == 128 and min(p) >= 32 and max(p) < 49152 for p in a)
+    with pytest.raises(ValueError, match="no ordinary tokens"):
+        synthetic_prompts(1, 4, 16)
+
+
+def test_jsonl_prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ab"}\n\n{"prompt": "abc"}\n')
+    assert jsonl_prompts(path, lambda t: [len(t)] * len(t), 3) == [[2, 2], [3, 3, 3], [2, 2]]
+    path.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:1"):
+        jsonl_prompts(path, list, 1)
+
+
+def test_statistics():
+    rng = np.random.default_rng(0)
+    samples = rng.random(101).tolist()
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(samples, q) == pytest.approx(np.percentile(samples, q))
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max, s.n) == (2.0, 1.0, 3.0, 3)
+    timing = token_timing(10.0, [10.5, 10.6, 10.8, 11.1])
+    assert timing["ttft_s"] == pytest.approx(0.5)
+    assert timing["decode_tok_s"] == pytest.approx(3 / 0.6)
+    assert timing["itl_p50_ms"] == pytest.approx(200)
+
+
+def test_model_numbers_count_smollm2_exactly(smollm2):
+    model = smollm2.engine.runner.model
+    config = smollm2.config.model.arch_config.to_dict()
+    numbers = model_numbers(config)
+    assert numbers["params"] == sum(p.numel() for p in model.parameters())
+    embedding = config["vocab_size"] * config["hidden_size"]
+    # The tied LM head is a product every token pays; the final norm is not a product.
+    assert numbers["matmul_params"] == numbers["params"] - config["hidden_size"]
+    assert numbers["params"] > embedding
+
+
+def test_roofline_arithmetic():
+    # 50 tok/s reading 500 MB per token is 25 GB/s: half of a 50 GB/s ceiling.
+    assert decode_fraction(50, 500e6, 50e9) == pytest.approx(0.5)
+    # 1000 tok/s through 100 M weights is 200 GFLOP/s: 80 % of 250 GFLOP/s.
+    assert throughput_fraction(1000, 100_000_000, 250e9) == pytest.approx(0.8)
+
+
+def _fake_report():
+    def worker(decode_gap, batch_seconds):
+        times = [1.0 + 0.1 + i * decode_gap for i in range(128)]
+        return {"ready": 5.0, "spawned": 0.0, "peak_rss_bytes": 2**30, "kv_blocks": 100,
+                "latency": [{"start": 1.0, "token_times": times}] * 3,
+                "throughput": [{"seconds": s, "output_tokens": 8192} for s in batch_seconds]}
+
+    def start(first):
+        return {"ready": 2.0, "spawned": 0.0, "startup": [{"first_token": first}]}
+
+    return {
+        "date": "2026-11-28 10:00", "machine": {"cpu": "Test CPU", "cores": 2,
+                                                "memory_gib": 24},
+        "versions": {"torch": "2.13", "transformers": "5.2"}, "model": "/m/SmolLM2",
+        "model_numbers": {"params": 100_000_000, "matmul_params": 100_000_000},
+        "roofline": {"bandwidth_bytes_s": 40e9,
+                     "matmul_flops": {"float32": 100e9, "bfloat16": 200e9}},
+        "prompts": {"source": "synthetic", "latency_len": 32, "throughput_lens": [128],
+                    "throughput_prompt_tokens": 8192},
+        "engines": {
+            "kiln": {"precision": "float32", "raw": {
+                "main": worker(0.02, [20.0, 16.0, 18.0]),
+                "startup_warm": [start(3.0), start(4.0)],
+                "startup_cold": {**start(30.0), "compile_seconds": {"1": 10.0}}}},
+            "transformers": {"precision": "float32", "raw": {
+                "main": worker(0.05, [80.0, 82.0, 81.0]), "startup_warm": [start(6.0)]}},
+        },
+        "skipped": {"vllm": "not installed"}, "command": "kiln bench all",
+    }
+
+
+def test_report_summary_ratios_and_markdown(tmp_path):
+    report = _fake_report()
+    summary = report["summary"] = summarize_report(report)
+    kiln = summary["kiln"]
+    assert kiln["latency"]["decode_tok_s"]["median"] == pytest.approx(50)
+    assert kiln["throughput"]["output_tok_s"]["median"] == pytest.approx(8192 / 18)
+    assert kiln["ratios"]["decode_vs_transformers"] == pytest.approx(2.5)
+    assert kiln["ratios"]["output_vs_transformers"] == pytest.approx(81 / 18)
+    assert kiln["ratios"]["decode_vs_vllm"] is None  # vLLM was skipped
+    assert kiln["startup"]["first_token_s"]["median"] == pytest.approx(3.5)
+    assert kiln["startup_cold"]["first_token_s"]["median"] == pytest.approx(30)
+    # 50 tok/s x 400 MB (100 M float32 weights) = 20 GB/s of 40.
+    assert kiln["roofline"]["decode_share_of_bandwidth"] == pytest.approx(0.5)
+    text = render_markdown(report)
+    assert "| kiln | float32 | 50.0 |" in text
+    assert "2.50×" in text and "50 %" in text
+    assert "vllm skipped: not installed" in text
+    assert "Command: `kiln bench all`" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("# kiln\n\nintro\n")
+    update_readme(readme, report)
+    update_readme(readme, report)  # regenerating replaces the block instead of adding one
+    content = readme.read_text()
+    assert content.count("## Performance") == 1 and content.count("| kiln | float32") == 1
+    assert content.startswith("# kiln\n\nintro\n")
+
+
+def test_png_chart(tmp_path):
+    from kiln.benchmarks.report import render_png
+
+    report = _fake_report()
+    report["summary"] = summarize_report(report)
+    path = render_png(report, tmp_path / "bench.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_harness_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
+    """The real harness: kiln eager and transformers each in their own processes on the same
+    prompts, llama.cpp skipped with its reason (a checkpoint folder has no GGUF)."""
+    logs = []
+    report = bench(["latency", "throughput", "startup", "memory"],
+                   ["kiln-eager", "transformers", "llama.cpp-f32"], str(tiny_llama[0]), 1,
+                   None, tmp_path, log=logs.append)
+    assert set(report["engines"]) == {"kiln-eager", "transformers"}
+    assert "GGUF" in report["skipped"]["llama.cpp-f32"]
+    for name in ("kiln-eager", "transformers"):
+        s = report["summary"][name]
+        assert s["latency"]["decode_tok_s"]["median"] > 0
+        assert s["throughput"]["output_tok_s"]["median"] > 0
+        assert s["startup"]["first_token_s"]["median"] > s["startup"]["ready_s"]["median"] > 0
+        assert s["memory"]["peak_rss_mib"] > 0
+    raw = report["engines"]["kiln-eager"]["raw"]["main"]
+    assert [len(x["token_times"]) for x in raw["latency"]] == [128]
+    assert [x["output_tokens"] for x in raw["throughput"]] == [64 * 128]
+    assert any("[1/3] kiln-eager: latency 1/1" in line for line in logs)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["summary"]["kiln-eager"]["ratios"]["decode_vs_transformers"] > 0
+    assert (tmp_path / "bench.md").read_text().count("| kiln-eager |") == 2
+    assert (tmp_path / "bench.png").is_file()
+
+
+def test_engine_names_are_known():
+    assert {"kiln", "kiln-eager", "transformers", "vllm", "llama.cpp-q4_1"} <= set(ENGINES)
