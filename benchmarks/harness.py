@@ -7,14 +7,17 @@ that are not installed are listed with the reason; `make bench-peers` installs v
 build and llama-cpp-python into virtual environments of their own."""
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,14 +132,25 @@ def run_worker(spec: EngineSpec, job: dict, label: str, log) -> dict:
         job_path.write_text(json.dumps(job))
         env = {**os.environ, **spec.env()}
         spawned = time.time()
+        # A session of its own: engines that start helper processes (vLLM's engine core)
+        # leave them behind when the worker exits; they are killed with the group.
         proc = subprocess.Popen([spec.python, str(WORKER), str(job_path)], env=env,
-                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        tail = []
-        for line in proc.stderr:
-            tail = (tail + [line.rstrip()])[-30:]
-            if line.startswith(("latency ", "throughput ", "startup ")):
-                log(f"{label}: {line.strip()}")
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        tail: list[str] = []
+
+        def follow():
+            for line in proc.stderr:
+                tail[:] = (tail + [line.rstrip()])[-30:]
+                if line.startswith(("latency ", "throughput ", "startup ")):
+                    log(f"{label}: {line.strip()}")
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
         proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(timeout=10)
         result_path = Path(job["result_path"])
         if proc.returncode or not result_path.is_file():
             raise RuntimeError(f"{spec.name} failed (exit {proc.returncode}):\n" +
@@ -158,7 +172,7 @@ def model_files(model: str | None) -> tuple[Path, Path]:
 def gguf_for(spec: EngineSpec, gguf: Path | None, work: Path) -> Path | None:
     from .gguf_variants import write_unquantized
 
-    if gguf is None:
+    if gguf is None or spec.family != "llama.cpp":
         return None
     if spec.precision == "q4_1":
         return gguf
@@ -167,7 +181,7 @@ def gguf_for(spec: EngineSpec, gguf: Path | None, work: Path) -> Path | None:
 
 def bench(workloads: list[str], engine_names: list[str], model: str | None, repeats: int,
           prompts_file: str | None, out_dir: Path, command: str | None = None,
-          log=print) -> dict:
+          log=print, startup_repeats: int | None = None) -> dict:
     folder, gguf = model_files(model)
     config = json.loads((folder / "config.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
@@ -214,7 +228,8 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
         try:
             report["engines"][name] = run_engine(spec, workloads, folder,
                                                  gguf_for(spec, gguf, work), prompts, max_len,
-                                                 repeats, work, label, log)
+                                                 repeats, startup_repeats or repeats, work,
+                                                 label, log)
         except RuntimeError as e:
             report["skipped"][name] = f"failed: {str(e)[-1500:]}"
             log(f"{label}: FAILED\n{e}")
@@ -230,7 +245,8 @@ def _torch_dtype(kind: str):
 
 
 def run_engine(spec: EngineSpec, workloads: list[str], folder: Path, gguf: Path | None,
-               prompts: dict, max_len: int, repeats: int, work: Path, label: str, log) -> dict:
+               prompts: dict, max_len: int, repeats: int, startup_repeats: int, work: Path,
+               label: str, log) -> dict:
     dtype = spec.precision if spec.precision in ("float32", "bfloat16") else "float32"
     base = {"model": str(folder), "gguf": str(gguf) if gguf else None, "dtype": dtype,
             "max_model_len": max_len, "prompts": prompts,
@@ -252,7 +268,8 @@ def run_engine(spec: EngineSpec, workloads: list[str], folder: Path, gguf: Path 
     if "startup" in workloads:
         out["raw"]["startup_warm"] = [
             run_worker(spec, {**base, "workloads": {"startup": {"repeats": 1}}},
-                       f"{label} (start {r + 1}/{repeats})", log) for r in range(repeats)]
+                       f"{label} (start {r + 1}/{startup_repeats})", log)
+            for r in range(startup_repeats)]
     return out
 
 
@@ -274,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated, from: {', '.join(ENGINES)}")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--startup-repeats", type=int, default=None,
+                        help="new processes per engine for the start workload (default: "
+                             "--repeats; vLLM takes minutes per start)")
     parser.add_argument("--prompts", default=None, help='JSONL file of {"prompt": "..."}')
     parser.add_argument("--out", default="bench-results", help="report folder")
     parser.add_argument("--readme", default=None,
@@ -288,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     argv = sys.argv[2:] if argv is None else argv
     report = bench(workloads, names, args.model, args.repeats, args.prompts, Path(args.out),
-                   command="kiln bench " + " ".join(argv))
+                   command="kiln bench " + " ".join(argv),
+                   startup_repeats=args.startup_repeats)
     out = Path(args.out)
     print(f"\n{(out / 'bench.md').read_text()}\nreports: {out / 'bench.json'}, "
           f"{out / 'bench.md'}, {out / 'bench.png'}")
