@@ -3,6 +3,7 @@ size, or by replaying that size's CUDA graph. One rule picks the path: eager whe
 `enforce_eager`; a graph when the batch is decode-only and its size was captured; otherwise
 the compiled pieces at the padded size."""
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ class GraphRunner:
         self.sizes = sizes
         self.backend = None
         self.cuda_graphs = None
+        self.steps: collections.Counter = collections.Counter()  # (path, size) -> steps
         if enforce_eager:
             return
         self.cache = cache
@@ -74,7 +76,9 @@ class GraphRunner:
         num_tokens = input_ids.shape[0]
         size = padded_size(self.sizes, num_tokens)
         if self.cuda_graphs is not None and self.cuda_graphs.can_replay(meta, num_tokens, size):
+            self.steps["graph_replay", size] += 1
             return self.cuda_graphs.replay(input_ids, positions, meta, size)
+        self.steps["compiled", size] += 1
         self.input_ids[:num_tokens].copy_(input_ids)
         self.input_ids[num_tokens:size] = 0
         self.positions[:num_tokens].copy_(positions)
@@ -99,6 +103,7 @@ class GraphRunner:
             else:
                 self.backend.prepare(size)
             bar.set_postfix_str(f"{size} tokens: {time.perf_counter() - start:.1f} s")
+        self.steps.clear()  # count serving steps only
         if self.device.type == "cpu" and self.cache is not None:
             remember_vec_isa(self.cache.root)
         if self.cuda_graphs is not None:

@@ -11,7 +11,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .compiler.config import CompilationConfig
+from .models import POOLING_ARCHITECTURES
 from .resolve import cache_dir, resolve_model
+from .runtime.beam_search import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+    beam_score,
+)
 from .runtime.config import (
     CacheConfig,
     EngineConfig,
@@ -22,6 +29,13 @@ from .runtime.config import (
 )
 from .runtime.engine import Engine
 from .runtime.outputs import RequestOutput
+from .runtime.pooling import (
+    EmbeddingOutput,
+    Pooler,
+    PoolingParams,
+    PoolingRequestOutput,
+    ScoringOutput,
+)
 from .runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger("kiln")
@@ -77,6 +91,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         compilation_config: dict | CompilationConfig | None = None,
         load_format: str = "auto",
+        runner: str = "auto",
         **kwargs,
     ):
         _reject_unknown(kwargs, list(inspect.signature(LLM.__init__).parameters)[1:-1])
@@ -87,6 +102,15 @@ class LLM:
         compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         folder = resolve_model(model, revision)
         arch_config = read_config(folder)
+        is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES
+        if runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {runner!r}")
+        if runner == "generate" and is_encoder:
+            raise ValueError(f"{arch_config.architectures[0]} is an encoder and cannot "
+                             f"generate; use runner='pooling' (or 'auto')")
+        if runner == "pooling" and not is_encoder:
+            raise ValueError("runner='pooling' for decoder models is not supported yet; "
+                             "kiln pools BERT-style encoders")
         tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
         if trust_remote_code:
             logger.info("trust_remote_code=True: kiln never runs a repository's code; "
@@ -112,24 +136,101 @@ class LLM:
             enforce_eager=bool(enforce_eager),
             compile_cache_dir=compile_cache_dir,
         )
+        self.engine = self.pooler = None
+        if is_encoder:  # encoders keep no KV cache and run eagerly in padded batches
+            self.pooler = Pooler(self.config)
+            return
         self.engine = Engine(self.config)
         if not enforce_eager:
             start = time.perf_counter()
             self.engine.runner.warmup()
             logger.info("compiled in %.1f s", time.perf_counter() - start)
 
+    def _generator(self) -> Engine:
+        if self.engine is None:
+            raise ValueError(f"{self.config.model.arch_config.architectures[0]} is a pooling "
+                             f"model: use encode(), embed() or score()")
+        return self.engine
+
+    def _pooling(self) -> Pooler:
+        if self.pooler is None:
+            raise ValueError(f"{self.config.model.arch_config.architectures[0]} is a generation "
+                             f"model and no pooling applies to it; encode/embed/score need an "
+                             f"encoder such as sentence-transformers/all-MiniLM-L6-v2")
+        return self.pooler
+
+    @property
+    def _tokenizer(self):
+        return (self.engine or self.pooler).tokenizer
+
+    def get_metrics(self) -> list:
+        """The engine's metrics now, in vLLM's shapes (Counter, Gauge, Histogram), named
+        kiln:…; the same values are in prometheus_client's registry when it is installed."""
+        from .runtime.metrics import collect
+
+        return collect(self._generator())
+
     def get_tokenizer(self):
         """The transformers tokenizer (None with skip_tokenizer_init=True)."""
-        return None if self.engine.tokenizer is None else self.engine.tokenizer.hf
+        return None if self._tokenizer is None else self._tokenizer.hf
+
+    def encode(self, prompts, pooling_params: PoolingParams | None = None,
+               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """One pooled vector per prompt (`.outputs.embedding`, `.outputs.data`), pooled and
+        normalised as the checkpoint's sentence-transformers config says unless
+        `pooling_params` overrides it."""
+        pooler = self._pooling()
+        if pooler.is_cross_encoder:
+            raise ValueError("this is a cross-encoder: it scores text pairs with score(), "
+                             "it has no embeddings")
+        params = pooling_params or PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"pooling_params must be PoolingParams, got "
+                            f"{type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a string, a dict or a list of them, got "
+                            f"{type(prompts).__name__}")
+        ids = [self._tokenize(p)[1] for p in prompts]
+        vectors = pooler.embed(ids, params)
+        return [PoolingRequestOutput(str(i), p, EmbeddingOutput(v.tolist()))
+                for i, (p, v) in enumerate(zip(ids, vectors))]
+
+    def embed(self, prompts, pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        return self.encode(prompts, pooling_params, use_tqdm)
+
+    def score(self, text_1, text_2, pooling_params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """Similarity of text pairs, as vLLM pairs them: one text_1 with each text_2, or the
+        two lists element by element. Embedding models give the cosine of the two
+        embeddings; cross-encoders their (sigmoid) score of the pair."""
+        pooler = self._pooling()
+        params = pooling_params or PoolingParams()
+        if pooler.tokenizer is None:
+            raise ValueError("score needs a tokenizer (skip_tokenizer_init=True was given)")
+        first = [text_1] if isinstance(text_1, str) else list(text_1)
+        second = [text_2] if isinstance(text_2, str) else list(text_2)
+        if not all(isinstance(t, str) and t for t in first + second):
+            raise TypeError("score takes non-empty strings or lists of them")
+        if len(first) == 1:
+            first = first * len(second)
+        if len(first) != len(second):
+            raise ValueError(f"score pairs one text_1 with many text_2, or two lists of "
+                             f"equal length; got {len(first)} and {len(second)} texts")
+        pairs = list(zip(first, second))
+        return [PoolingRequestOutput(str(i), [], ScoringOutput(s))
+                for i, s in enumerate(pooler.score(pairs, params))]
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is an empty string")
-            if self.engine.tokenizer is None:
+            if self._tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; with skip_tokenizer_init=True "
                                  "pass {'prompt_token_ids': [...]}")
-            return prompt, self.engine.tokenizer.encode(prompt)
+            return prompt, self._tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
@@ -146,6 +247,7 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
+        self._generator()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -178,12 +280,73 @@ class LLM:
                 self.engine.abort_all()
         return [self.engine.to_output(g) for g in groups]
 
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False
+                    ) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: for each prompt, the `beam_width` best sequences by
+        length-penalised cumulative logprob, best first (see runtime/beam_search.py)."""
+        self._generator()
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        tokenized = [self._tokenize(p)[1] for p in prompts]
+        eos = set() if params.ignore_eos else self.engine.eos_token_ids
+        step = SamplingParams(max_tokens=1, temperature=params.temperature,
+                              logprobs=2 * params.beam_width, ignore_eos=True,
+                              detokenize=False)
+        for ids in tokenized:
+            self.engine.check_request(ids, step)
+
+        def score(seq):
+            return beam_score(seq, eos, params.length_penalty)
+
+        live = [[BeamSearchSequence(list(ids))] for ids in tokenized]
+        done: list[list[BeamSearchSequence]] = [[] for _ in tokenized]
+        max_len = self.config.model.max_model_len
+        for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
+            beams = [b for group in live for b in group if len(b.tokens) < max_len]
+            if not beams:
+                break
+            outs = iter(self.generate([{"prompt_token_ids": b.tokens} for b in beams], step,
+                                      use_tqdm=False))
+            for i, group in enumerate(live):
+                candidates = []
+                for beam in group:
+                    if len(beam.tokens) >= max_len:
+                        done[i].append(BeamSearchSequence(beam.tokens, beam.logprobs,
+                                                          beam.cum_logprob,
+                                                          finish_reason="length"))
+                        continue
+                    entry = next(outs).outputs[0].logprobs[0]
+                    for token, logprob in entry.items():
+                        seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry],
+                                                 beam.cum_logprob + logprob.logprob)
+                        if token in eos:
+                            seq.finish_reason = "stop"
+                            done[i].append(seq)
+                        else:
+                            candidates.append(seq)
+                live[i] = sorted(candidates, key=score, reverse=True)[:params.beam_width]
+        results = []
+        for group, finished in zip(live, done):
+            for seq in group:
+                seq.finish_reason = seq.finish_reason or "length"
+            best = sorted(finished + group, key=score, reverse=True)[:params.beam_width]
+            if self._tokenizer is not None:
+                for seq in best:
+                    keep_eos = params.include_stop_str_in_output or seq.finish_reason != "stop"
+                    seq.text = self._tokenizer.decode(
+                        seq.tokens if keep_eos else seq.tokens[:-1])
+            results.append(BeamSearchOutput(best))
+        return results
+
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None
              ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or a
         list of them, rendered with the model's chat template (or `chat_template`)."""
+        self._generator()
         if not isinstance(messages, (list, tuple)) or not messages:
             raise TypeError("messages must be a non-empty list of messages or of conversations")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
@@ -196,7 +359,7 @@ class LLM:
                      continue_final_message, kwargs) -> dict:
         from jinja2 import TemplateError
 
-        tokenizer = self.engine.tokenizer
+        tokenizer = self._tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
         if not isinstance(conversation, (list, tuple)) or not conversation:

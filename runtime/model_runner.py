@@ -193,13 +193,40 @@ class ModelRunner:
         self.graph_runner.warmup(self.dummy_metadata)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None]:
-        """Run one step; return the batch rows that produced a token and their sample."""
+    def execute(self, batch: ScheduledBatch) -> tuple[list[int], SamplerOutput | None, dict]:
+        """Run one step; return the batch rows that produced a token, their sample, and the
+        prompt logprobs computed in this step (request -> entries, see `prompt_logprobs`)."""
         inputs = self.prepare_inputs(batch)
         hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, inputs.meta)
+        prompt_logprobs = self.prompt_logprobs(batch, hidden)
         if not inputs.sampling_rows:
-            return [], None
+            return [], None, prompt_logprobs
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         reqs = [batch.requests[i] for i in inputs.sampling_rows]
         sampling = SamplingBatch.from_requests(reqs, logits.shape[-1], self.device)
-        return inputs.sampling_rows, sample(logits, sampling)
+        return inputs.sampling_rows, sample(logits, sampling), prompt_logprobs
+
+    def prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> dict:
+        """For requests that asked for prompt logprobs: each prompt position this step
+        computed (and not recorded before a preemption) gives the logprob of the next prompt
+        token, its rank, and the top-k: request -> [(token, logprob, rank, top ids, top
+        logprobs)]."""
+        out = {}
+        offset = 0
+        for req, n in zip(batch.requests, batch.num_scheduled_tokens):
+            k = req.params.prompt_logprobs
+            start = req.num_computed_tokens
+            first = max(start, len(req.prompt_logprobs) - 1)
+            last = min(start + n, req.num_prompt_tokens - 1)  # positions predicting a prompt token
+            if k is not None and first < last:
+                rows = torch.arange(offset + first - start, offset + last - start,
+                                    device=hidden.device)
+                logprobs = self.model.compute_logits(hidden[rows]).log_softmax(-1)
+                targets = torch.tensor(req.token_ids[first + 1:last + 1], device=hidden.device)
+                chosen = logprobs.gather(1, targets[:, None])[:, 0]
+                ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+                top = logprobs.topk(k, dim=-1)
+                out[req] = list(zip(targets.tolist(), chosen.tolist(), ranks.tolist(),
+                                    top.indices.tolist(), top.values.tolist()))
+            offset += n
+        return out

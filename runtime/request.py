@@ -1,6 +1,7 @@
 """A request's state: a few stored facts, everything else derived from them."""
 
 import enum
+import time
 
 from .sampling_params import SamplingParams
 
@@ -33,9 +34,14 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict] = []
+        self.prompt_logprobs: list[dict | None] = [None]  # the first token has no context
         self.cumulative_logprob = 0.0
         self.text = ""
         self.detokenizer = None
+        self.bad_words_token_ids: list[list[int]] = []
+        self.matcher = None  # structured output: the grammar's state after the output so far
+        self.arrival_time = time.perf_counter()
+        self.last_token_time = 0.0
 
     @property
     def num_tokens(self) -> int:

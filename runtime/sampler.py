@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .request import Request
+from .structured_output import allowed_mask
 
 _MASK32 = 0xFFFFFFFF
 
@@ -28,8 +29,11 @@ def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int)
     row = _mix32(_mix32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
     row = _mix32(row ^ _mix32(steps & _MASK32))
     col = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x9E3779B9 & _MASK32)
-    bits = _mix32(row[:, None] ^ col[None, :]) >> 8  # 24 bits: exact in float32
-    uniform = (bits.float() + 0.5) / float(1 << 24)
+    # 23 bits: (bits + 0.5) / 2**23 stays strictly inside (0, 1) in float32. With 24 bits the
+    # largest value rounded to 1.0, the noise to 0, and a masked token's 0 / 0 became a NaN
+    # that argmax picks (seen: grammar-masked tokens sampled about once in 300 steps).
+    bits = _mix32(row[:, None] ^ col[None, :]) >> 9
+    uniform = (bits.float() + 0.5) / float(1 << 23)
     return -torch.log(uniform)
 
 
@@ -46,7 +50,10 @@ class SamplingBatch:
     is_all_greedy: bool
     needs_filter: bool
     penalties: tuple | None  # (presence, frequency, repetition, output_counts, seen_mask)
-    blocked: tuple | None  # (rows, token ids) that may not be sampled yet (min_tokens)
+    blocked: tuple | None  # (rows, token ids) that may not be sampled (min_tokens, bad words)
+    logit_bias: tuple | None  # (rows, token ids, values) added to the logits
+    allowed: tuple | None  # (rows, [rows, V] mask of the only tokens those rows may sample:
+    # allowed_token_ids and structured output grammars)
     num_logprobs: int  # largest top-k logprobs asked in the batch, -1 for none
 
     @classmethod
@@ -69,10 +76,32 @@ class SamplingBatch:
                 _token_counts([r.token_ids for r in requests], vocab_size, device) > 0,
             )
         blocked_rows, blocked_ids = [], []
+        bias_rows, bias_ids, bias_values = [], [], []
+        allowed_rows, allowed_masks = [], []
         for row, req in enumerate(requests):
-            if req.num_output_tokens < req.params.min_tokens:
+            p = req.params
+            if req.num_output_tokens < p.min_tokens:
                 blocked_rows += [row] * len(req.stop_token_ids)
                 blocked_ids += sorted(req.stop_token_ids)
+            for token in banned_next_tokens(req):
+                blocked_rows.append(row)
+                blocked_ids.append(token)
+            if p.logit_bias:
+                bias_rows += [row] * len(p.logit_bias)
+                bias_ids += list(p.logit_bias)
+                bias_values += list(p.logit_bias.values())
+            if p.allowed_token_ids or req.matcher is not None:
+                mask = torch.ones(vocab_size, dtype=torch.bool)
+                if p.allowed_token_ids:
+                    mask = torch.zeros(vocab_size, dtype=torch.bool)
+                    mask[p.allowed_token_ids] = True
+                if req.matcher is not None:
+                    mask &= allowed_mask(req.matcher, vocab_size)
+                allowed_rows.append(row)
+                allowed_masks.append(mask)
+        allowed = None
+        if allowed_rows:
+            allowed = (column(allowed_rows, torch.int64), torch.stack(allowed_masks).to(device))
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             temperature=column([p.temperature for p in params], torch.float32),
@@ -87,8 +116,20 @@ class SamplingBatch:
             penalties=penalties,
             blocked=(column(blocked_rows, torch.int64), column(blocked_ids, torch.int64))
             if blocked_rows else None,
+            logit_bias=(column(bias_rows, torch.int64), column(bias_ids, torch.int64),
+                        column(bias_values, torch.float32)) if bias_rows else None,
+            allowed=allowed,
             num_logprobs=max(logprobs, default=-1),
         )
+
+
+def banned_next_tokens(req: Request) -> list[int]:
+    """The last token of each bad word whose other tokens end the output so far (a
+    one-token bad word is always banned)."""
+    out = req.output_token_ids
+    return [seq[-1] for seq in req.bad_words_token_ids
+            if len(seq) == 1 or (len(out) >= len(seq) - 1 and out[len(out) - len(seq) + 1:]
+                                 == seq[:-1])]
 
 
 def _token_counts(seqs: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -133,6 +174,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     raw = logits
     if batch.penalties is not None:
         logits = _apply_penalties(logits, batch.penalties)
+    if batch.logit_bias is not None:
+        rows, ids, values = batch.logit_bias
+        logits = logits.index_put((rows, ids), values, accumulate=True)
+    if batch.allowed is not None:
+        rows, mask = batch.allowed
+        logits = logits.index_put((rows,), logits[rows].masked_fill(~mask, float("-inf")))
     if batch.blocked is not None:
         logits = logits.index_put(batch.blocked, torch.tensor(float("-inf")))
     tokens = logits.argmax(-1)

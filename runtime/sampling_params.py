@@ -1,6 +1,19 @@
 """SamplingParams with vLLM's names, defaults and meaning, checked when constructed."""
 
+import enum
+import math
 from dataclasses import dataclass, field
+
+from .structured_output import StructuredOutputsParams
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's streaming granularity. The offline API returns finished outputs whatever the
+    kind, as vLLM's offline LLM does."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -25,11 +38,21 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # added to the token's logit before sampling
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] | None = None  # words that may not be generated
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max)
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias is not None:  # JSON gives string keys
+            self.logit_bias = {_token_id(k): v for k, v in dict(self.logit_bias).items()}
         self._verify()
 
     def _verify(self) -> None:
@@ -65,14 +88,51 @@ class SamplingParams:
               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
               f"logprobs must be None or a non-negative int, got {self.logprobs}")
-        check(self.prompt_logprobs is None, "prompt_logprobs is not supported yet")
+        check(self.prompt_logprobs is None or (
+            isinstance(self.prompt_logprobs, int) and not isinstance(self.prompt_logprobs, bool)
+            and self.prompt_logprobs >= 0),
+              f"prompt_logprobs must be None or a non-negative int, got {self.prompt_logprobs}")
         check(self.seed is None or isinstance(self.seed, int),
               f"seed must be an int or None, got {self.seed!r}")
         check(all(isinstance(s, str) and s for s in self.stop_strings),
               f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        check(self.logit_bias is None or all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in self.logit_bias.values()),
+              f"logit_bias values must be finite numbers, got {self.logit_bias!r}")
+        check(self.allowed_token_ids is None or (
+            isinstance(self.allowed_token_ids, (list, tuple)) and self.allowed_token_ids and
+            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                for t in self.allowed_token_ids)),
+              f"allowed_token_ids must be a non-empty list of token ids, got "
+              f"{self.allowed_token_ids!r}")
+        check(self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and all(
+            isinstance(w, str) and w.strip() for w in self.bad_words)),
+              f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+        check(self.structured_outputs is None or
+              isinstance(self.structured_outputs, StructuredOutputsParams),
+              f"structured_outputs must be StructuredOutputsParams or a dict, got "
+              f"{self.structured_outputs!r}")
+        check(isinstance(self.output_kind, RequestOutputKind),
+              f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        check(self.truncate_prompt_tokens is None or (
+            isinstance(self.truncate_prompt_tokens, int) and
+            (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)),
+              f"truncate_prompt_tokens must be a positive int or -1, got "
+              f"{self.truncate_prompt_tokens!r}")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def _token_id(key) -> int:
+    try:
+        token = int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+    if token < 0:
+        raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+    return token

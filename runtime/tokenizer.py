@@ -34,9 +34,14 @@ class Tokenizer:
         if not path.is_file() or "add_bos_token" in config or "add_eos_token" in config:
             return None
         try:
-            return RustTokenizer.from_file(str(path))
+            tokenizer = RustTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type
             raise OSError(f"cannot load the tokenizer from {path}: {e}") from e
+        # A tokenizer.json may carry padding or truncation settings (sentence-transformers
+        # saves them); transformers' encode() applies neither unless asked, and nor does kiln.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
 
     def _fast_eos_token_id(self) -> int | None:
         eos = self._config().get("eos_token")
@@ -64,3 +69,13 @@ class Tokenizer:
         if self.fast is None:
             return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.fast.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_pair(self, first: str, second: str) -> tuple[list[int], list[int]]:
+        """Token ids and segment (token type) ids of a text pair, as a cross-encoder reads
+        it."""
+        if self.fast is None:
+            encoded = self.hf(first, second)
+            ids = encoded["input_ids"]
+            return ids, encoded.get("token_type_ids") or [0] * len(ids)
+        encoded = self.fast.encode(first, second)
+        return encoded.ids, encoded.type_ids

@@ -35,6 +35,11 @@ def expected(llm):
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"stop": [""]}, "stop"),
+    ({"logit_bias": {"x": 1.0}}, "logit_bias keys"),
+    ({"logit_bias": {3: float("inf")}}, "logit_bias values"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"bad_words": ["ok", " "]}, "bad_words"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
 ])
 def test_impossible_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -65,6 +70,9 @@ def test_bad_prompts_leave_the_engine_serving(llm, expected, prompts, error, mes
     ([GREEDY, GREEDY], ValueError, "got 2 sampling params for 1 prompts"),
     ({"temperature": 0}, TypeError, "sampling_params must be SamplingParams"),
     ([None], TypeError, "every entry of sampling_params"),
+    (SamplingParams(logit_bias={256: 1.0}), ValueError, r"logit_bias has token ids \[256\]"),
+    (SamplingParams(allowed_token_ids=[3, 999]), ValueError, "allowed_token_ids has token"),
+    (SamplingParams(bad_words=["no"]), ValueError, "bad_words need a tokenizer"),
 ])
 def test_bad_sampling_params_argument(llm, expected, params, error, message):
     with pytest.raises(error, match=message):

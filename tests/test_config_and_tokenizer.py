@@ -67,7 +67,7 @@ def test_tiny_checkpoints_match_transformers(tiny_models):
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"architectures": ["BertModel"], "model_type": "bert"}, "not supported"),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "not supported"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "gpt2"}, "model_type"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": "big"},
      "hidden_size"),

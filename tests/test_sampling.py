@@ -70,6 +70,15 @@ def test_noise_is_exponential_and_depends_on_seed_and_step():
     assert torch.equal(noise[0], exponential_noise(seeds[:1], steps[:1], 50000)[0])
 
 
+def test_noise_is_never_zero():
+    """A zero would turn a masked token's probability 0 into 0 / 0 = NaN, which argmax picks
+    (the old 24-bit uniform reached 1.0 about once per 2**24 draws: ~3 times in this sweep)."""
+    steps = torch.zeros(100, dtype=torch.int64)
+    for start in range(0, 1000, 100):
+        seeds = torch.arange(start, start + 100, dtype=torch.int64)
+        assert (exponential_noise(seeds, steps, 49152) > 0).all()
+
+
 def test_sampling_frequencies_follow_softmax(tiny_llama):
     """Many seeded one-token draws: the empirical distribution matches softmax(logits/T)."""
     _, hf = tiny_llama
@@ -197,3 +206,80 @@ def test_n_completions_under_preemption_finish(tiny_llama):
     assert all(len(c.token_ids) == 20 for o in outs for c in o.outputs)
     assert llm.engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
+
+
+def test_logit_bias_and_allowed_token_ids(tiny_llama):
+    llm = tiny_llm(tiny_llama[0])
+    prompts = token_prompts(random_prompts(3, seed=40))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = tokens(llm.generate(prompts, greedy, use_tqdm=False))
+    forced = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                            logit_bias={"17": 100.0})  # JSON-style string keys are accepted
+    assert tokens(llm.generate(prompts, forced, use_tqdm=False)) == [[17] * 6] * 3
+    first = plain[0][0]
+    avoid = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                           logit_bias={first: -100.0})
+    assert tokens(llm.generate(prompts[:1], avoid, use_tqdm=False))[0][0] != first
+    allowed = SamplingParams(temperature=1.5, max_tokens=12, seed=3, ignore_eos=True,
+                             allowed_token_ids=[5, 9, 200])
+    outs = tokens(llm.generate(prompts, [allowed, greedy, allowed], use_tqdm=False))
+    assert all(set(t) <= {5, 9, 200} for t in (outs[0], outs[2]))
+    assert outs[1] == plain[1]  # a neighbour in the batch keeps its own settings
+    assert_all_blocks_free(llm)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_llama):
+    llm = tiny_llm(tiny_llama[0], max_model_len=64)
+    long_prompt = random_prompts(1, seed=41, min_len=100, max_len=100)[0]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                            truncate_prompt_tokens=20)
+    out = llm.generate(token_prompts([long_prompt]), params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == long_prompt[-20:]
+    direct = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    assert out.outputs[0].token_ids == tokens(llm.generate(
+        token_prompts([long_prompt[-20:]]), direct, use_tqdm=False))[0]
+    to_max = SamplingParams(max_tokens=1, truncate_prompt_tokens=-1)
+    assert len(llm.generate(token_prompts([long_prompt]), to_max,
+                            use_tqdm=False)[0].prompt_token_ids) == 64
+
+
+def test_prompt_logprobs_match_transformers_under_chunking_and_preemption(tiny_llama):
+    """Prompt logprobs are transformers' log_softmax at every prompt position (the first
+    is None), whether the prompt is prefilled at once, in chunks, or again after preemption."""
+    folder, hf = tiny_llama
+    prompts = random_prompts(4, seed=42, min_len=20, max_len=40)
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, ignore_eos=True)
+    with torch.no_grad():
+        refs = [hf(torch.tensor([p])).logits[0].log_softmax(-1) for p in prompts]
+    per_block = 2 * 2 * 4 * 2 * 16 * 4
+    for llm in (tiny_llm(folder), tiny_llm(folder, max_num_batched_tokens=7),
+                tiny_llm(folder, block_size=4, kv_cache_memory=12 * per_block,
+                         max_model_len=48)):
+        outs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+        for prompt, ref, out in zip(prompts, refs, outs):
+            assert out.prompt_logprobs[0] is None
+            assert len(out.prompt_logprobs) == len(prompt)
+            for pos, entry in enumerate(out.prompt_logprobs[1:], 1):
+                row = ref[pos - 1]
+                token = prompt[pos]
+                assert abs(entry[token].logprob - row[token].item()) <= 1e-3
+                assert entry[token].rank == int((row > row[token]).sum()) + 1
+                top = row.topk(2)
+                for rank, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()),
+                                              1):
+                    assert entry[t].rank == rank and abs(entry[t].logprob - v) <= 1e-3
+        assert_all_blocks_free(llm)
+    plain = tiny_llm(folder).generate(token_prompts(prompts[:1]), SamplingParams(max_tokens=1),
+                                      use_tqdm=False)[0]
+    assert plain.prompt_logprobs is None
+
+
+def test_output_kind_does_not_change_offline_results(tiny_llama):
+    from kiln.runtime.sampling_params import RequestOutputKind
+
+    llm = tiny_llm(tiny_llama[0])
+    prompts = token_prompts(random_prompts(2, seed=43))
+    results = [tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5,
+                                                           ignore_eos=True, output_kind=kind),
+                                   use_tqdm=False)) for kind in RequestOutputKind]
+    assert results[0] == results[1] == results[2] and all(len(t) == 5 for t in results[0])

@@ -129,3 +129,61 @@ def test_compiled_greedy_equals_eager(smollm2):
     assert single[0].outputs[0].token_ids == eager_outs[0].outputs[0].token_ids
     assert [o.outputs[0].token_ids for o in batched] == \
         [o.outputs[0].token_ids for o in eager_outs]
+
+
+@pytest.mark.slow
+def test_bad_words_are_never_generated(smollm2):
+    prompt = "The capital of France is"
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    assert "Paris" in smollm2.generate(prompt, greedy, use_tqdm=False)[0].outputs[0].text
+    banned = SamplingParams(temperature=0, max_tokens=12, bad_words=["Paris"])
+    out = smollm2.generate(prompt, banned, use_tqdm=False)[0].outputs[0]
+    assert "Paris" not in out.text and out.text.strip()
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+
+
+@pytest.mark.slow
+def test_structured_output_json_schema_regex_and_choice(smollm2):
+    import json
+    import re
+
+    from kiln import StructuredOutputsParams
+
+    prompt = "Describe a person as JSON with a name and an age:"
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60,
+                             structured_outputs=StructuredOutputsParams(json=PERSON))
+              for s in range(20)]
+    outs = smollm2.generate([prompt] * 20, params, use_tqdm=False)
+    for out in outs:
+        value = json.loads(out.outputs[0].text)
+        assert set(value) == {"name", "age"}
+        assert isinstance(value["name"], str) and len(value["name"]) <= 12
+        assert isinstance(value["age"], int) and 0 <= value["age"] <= 150
+    phone = SamplingParams(temperature=0.8, seed=1, max_tokens=20,
+                           structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[0-9]{4}"))
+    text = smollm2.generate("My phone number is", phone, use_tqdm=False)[0].outputs[0].text
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", text)
+    choice = SamplingParams(temperature=0, max_tokens=10,
+                            structured_outputs={"choice": ["Paris", "London", "Rome"]})
+    text = smollm2.generate("The capital of France is", choice, use_tqdm=False)[0].outputs[0].text
+    assert text == "Paris"
+
+
+@pytest.mark.slow
+def test_invalid_schema_is_named_and_the_engine_keeps_serving(smollm2):
+    from kiln import StructuredOutputsParams
+
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(
+        json={"type": "object", "properties": {"a": {"type": "no-such-type"}}}))
+    with pytest.raises(ValueError, match="invalid structured output"):
+        smollm2.generate("Hi", bad, use_tqdm=False)
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    out = smollm2.generate("The capital of France is", SamplingParams(temperature=0,
+                                                                     max_tokens=4),
+                           use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
