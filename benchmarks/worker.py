@@ -30,8 +30,14 @@ class KilnEngine:
         self.llm = LLM(job["model"], dtype=job["dtype"], enforce_eager=job.get("eager", False),
                        max_model_len=job["max_model_len"], skip_tokenizer_init=True,
                        compilation_config={"cache_dir": job.get("compile_cache")})
-        backend = self.llm.engine.runner.graph_runner.backend
-        self.compile_seconds = dict(backend.counters.seconds_by_size) if backend else {}
+        self.backend = self.llm.engine.runner.graph_runner.backend
+        self.compile_seconds = dict(self.backend.counters.seconds_by_size) \
+            if self.backend else {}
+        self.counters_at_ready = self.counters()
+
+    def counters(self) -> dict | None:
+        """kiln's compile counters (traces, compiles, cache loads, deferred loads)."""
+        return None if self.backend is None else dict(vars(self.backend.counters))
 
     def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
         engine = self.llm.engine
@@ -184,6 +190,9 @@ def run(job: dict) -> dict:
         result[name] = samples
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["kv_blocks"] = engine.kv_blocks()
+    if isinstance(engine, KilnEngine):
+        result["compile_counters"] = {"ready": engine.counters_at_ready,
+                                      "end": engine.counters()}
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
         result["peak_gpu_bytes"] = sys.modules["torch"].cuda.max_memory_allocated()
     return result
