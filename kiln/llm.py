@@ -61,6 +61,16 @@ def _reject_unknown(kwargs: dict, known: Sequence[str]) -> None:
         raise TypeError(f"LLM() got an unknown argument {name!r}{hint}")
 
 
+def _prompt_list(prompts) -> list:
+    """One prompt (a string or a dict) or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string, a dict or a list of them, got "
+                        f"{type(prompts).__name__}")
+    return list(prompts)
+
+
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -187,12 +197,7 @@ class LLM:
         if not isinstance(params, PoolingParams):
             raise TypeError(f"pooling_params must be PoolingParams, got "
                             f"{type(params).__name__}")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a string, a dict or a list of them, got "
-                            f"{type(prompts).__name__}")
-        ids = [self._tokenize(p)[1] for p in prompts]
+        ids = [self._tokenize(p)[1] for p in _prompt_list(prompts)]
         vectors = pooler.embed(ids, params)
         return [PoolingRequestOutput(str(i), p, EmbeddingOutput(v.tolist()))
                 for i, (p, v) in enumerate(zip(ids, vectors))]
@@ -248,11 +253,7 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
         self._generator()
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError(f"prompts must be a string, a dict or a list of them, got "
-                            f"{type(prompts).__name__}")
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -287,9 +288,7 @@ class LLM:
         self._generator()
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        tokenized = [self._tokenize(p)[1] for p in prompts]
+        tokenized = [self._tokenize(p)[1] for p in _prompt_list(prompts)]
         eos = set() if params.ignore_eos else self.engine.eos_token_ids
         step = SamplingParams(max_tokens=1, temperature=params.temperature,
                               logprobs=2 * params.beam_width, ignore_eos=True,

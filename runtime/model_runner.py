@@ -3,6 +3,7 @@
 Input preparation works on whole-batch numpy arrays: the Python work per step is one slice
 per request (its new tokens and its block ids), never one operation per token."""
 
+import itertools
 import logging
 import math
 import time
@@ -212,13 +213,15 @@ class ModelRunner:
         token, its rank, and the top-k: request -> [(token, logprob, rank, top ids, top
         logprobs)]."""
         out = {}
-        offset = 0
-        for req, n in zip(batch.requests, batch.num_scheduled_tokens):
+        offsets = itertools.accumulate(batch.num_scheduled_tokens, initial=0)
+        for req, n, offset in zip(batch.requests, batch.num_scheduled_tokens, offsets):
             k = req.params.prompt_logprobs
+            if k is None:  # the usual case: no per-request work on the hot path
+                continue
             start = req.num_computed_tokens
             first = max(start, len(req.prompt_logprobs) - 1)
             last = min(start + n, req.num_prompt_tokens - 1)  # positions predicting a prompt token
-            if k is not None and first < last:
+            if first < last:
                 rows = torch.arange(offset + first - start, offset + last - start,
                                     device=hidden.device)
                 logprobs = self.model.compute_logits(hidden[rows]).log_softmax(-1)
@@ -228,5 +231,4 @@ class ModelRunner:
                 top = logprobs.topk(k, dim=-1)
                 out[req] = list(zip(targets.tolist(), chosen.tolist(), ranks.tolist(),
                                     top.indices.tolist(), top.values.tolist()))
-            offset += n
         return out

@@ -57,6 +57,9 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self._ll_tokenizer = None
+        # Grammars already validated: a request is checked before admission and each of its
+        # n completions gets a matcher of its own; validating walks the whole grammar.
+        self._valid: set[str] = set()
 
     def _tokenizer(self):
         from llguidance import LLTokenizer
@@ -77,9 +80,11 @@ class GrammarCompiler:
             grammar = params.grammar_text()
         except (ValueError, RuntimeError, TypeError) as e:
             raise ValueError(f"invalid structured output request: {e}") from None
-        error = LLMatcher.validate_grammar(grammar, self._tokenizer())
-        if error and not error.startswith("WARNING"):
-            raise ValueError(f"invalid structured output request: {error}")
+        if grammar not in self._valid:
+            error = LLMatcher.validate_grammar(grammar, self._tokenizer())
+            if error and not error.startswith("WARNING"):
+                raise ValueError(f"invalid structured output request: {error}")
+            self._valid.add(grammar)
         return LLMatcher(self._tokenizer(), grammar, log_level=0)
 
 

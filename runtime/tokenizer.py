@@ -15,11 +15,12 @@ class Tokenizer:
     def __init__(self, folder: str, mode: str = "auto"):
         self.folder = folder
         self.mode = mode
+        self.config = self._read_config()
         self.fast = self._load_fast() if mode == "auto" else None
         hf = self.hf if self.fast is None else None  # fails early for a broken folder
         self.eos_token_id = hf.eos_token_id if hf is not None else self._fast_eos_token_id()
 
-    def _config(self) -> dict:
+    def _read_config(self) -> dict:
         path = Path(self.folder) / "tokenizer_config.json"
         try:
             return json.loads(path.read_text()) if path.is_file() else {}
@@ -30,8 +31,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         path = Path(self.folder) / "tokenizer.json"
-        config = self._config()
-        if not path.is_file() or "add_bos_token" in config or "add_eos_token" in config:
+        if not path.is_file() or "add_bos_token" in self.config or \
+                "add_eos_token" in self.config:
             return None
         try:
             tokenizer = RustTokenizer.from_file(str(path))
@@ -44,7 +45,7 @@ class Tokenizer:
         return tokenizer
 
     def _fast_eos_token_id(self) -> int | None:
-        eos = self._config().get("eos_token")
+        eos = self.config.get("eos_token")
         if isinstance(eos, dict):  # an AddedToken written out in full
             eos = eos.get("content")
         return None if eos is None else self.fast.token_to_id(eos)
