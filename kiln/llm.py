@@ -118,9 +118,6 @@ class LLM:
         if runner == "generate" and is_encoder:
             raise ValueError(f"{arch_config.architectures[0]} is an encoder and cannot "
                              f"generate; use runner='pooling' (or 'auto')")
-        if runner == "pooling" and not is_encoder:
-            raise ValueError("runner='pooling' for decoder models is not supported yet; "
-                             "kiln pools BERT-style encoders")
         tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
         if trust_remote_code:
             logger.info("trust_remote_code=True: kiln never runs a repository's code; "
@@ -150,35 +147,40 @@ class LLM:
         if is_encoder:  # encoders keep no KV cache and run eagerly in padded batches
             self.pooler = Pooler(self.config)
             return
-        self.engine = Engine(self.config)
+        self.engine = Engine(self.config, pooling=runner == "pooling")
+        if runner == "pooling":  # a decoder as an embedding model: last-token pooling
+            self.pooler = Pooler(self.config, self.engine)
         if not enforce_eager:
             start = time.perf_counter()
             self.engine.runner.warmup()
             logger.info("compiled in %.1f s", time.perf_counter() - start)
 
     def _generator(self) -> Engine:
-        if self.engine is None:
-            raise ValueError(f"{self.config.model.arch_config.architectures[0]} is a pooling "
-                             f"model: use encode(), embed() or score()")
+        if self.pooler is not None:
+            raise ValueError(f"{self.config.model.arch_config.architectures[0]} runs as a "
+                             f"pooling model here: use encode(), embed() or score()")
         return self.engine
 
     def _pooling(self) -> Pooler:
         if self.pooler is None:
             raise ValueError(f"{self.config.model.arch_config.architectures[0]} is a generation "
                              f"model and no pooling applies to it; encode/embed/score need an "
-                             f"encoder such as sentence-transformers/all-MiniLM-L6-v2")
+                             f"encoder such as sentence-transformers/all-MiniLM-L6-v2, or "
+                             f"LLM(..., runner='pooling') to pool a decoder's last token")
         return self.pooler
 
     @property
     def _tokenizer(self):
-        return (self.engine or self.pooler).tokenizer
+        return (self.pooler or self.engine).tokenizer
 
     def get_metrics(self) -> list:
         """The engine's metrics now, in vLLM's shapes (Counter, Gauge, Histogram), named
         kiln:…; the same values are in prometheus_client's registry when it is installed."""
         from .runtime.metrics import collect
 
-        return collect(self._generator())
+        if self.engine is None:
+            raise ValueError("get_metrics reports the generation engine; this encoder has none")
+        return collect(self.engine)
 
     def get_tokenizer(self):
         """The transformers tokenizer (None with skip_tokenizer_init=True)."""

@@ -7,6 +7,8 @@ import random
 import time
 from pathlib import Path
 
+import torch
+
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, find_stop_string
@@ -35,8 +37,9 @@ def _eos_token_ids(config: EngineConfig, tokenizer) -> set[int]:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, pooling: bool = False):
         self.config = config
+        self.pooling = pooling  # requests end after their prompt with its last hidden state
         mc = config.model
         self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.tokenizer,
                                                                        mc.tokenizer_mode)
@@ -147,12 +150,19 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             raise RuntimeError("the scheduler could not fit any request in the KV cache")
-        rows, out, prompt_logprobs = self.runner.execute(batch)
+        if self.pooling:
+            rows, pooled = self.runner.execute_pooling(batch)
+            out, prompt_logprobs = None, {}
+        else:
+            rows, out, prompt_logprobs = self.runner.execute(batch)
         for req, entries in prompt_logprobs.items():
             req.prompt_logprobs += [self._logprob_entry(*entry) for entry in entries]
         for req, n in zip(batch.requests, batch.num_scheduled_tokens):
             req.num_computed_tokens += n
             self.block_manager.cache_full_blocks(req)
+        if self.pooling:
+            return [self._finish_pooled(batch.requests[row], pooled[i].cpu())
+                    for i, row in enumerate(rows)]
         if out is None:
             return []
         tokens = out.token_ids.tolist()
@@ -168,6 +178,29 @@ class Engine:
                 reason = req.finish_reason
                 self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         return finished
+
+    def _finish_pooled(self, req: Request, hidden: torch.Tensor) -> Request:
+        req.pooled = hidden
+        req.finish_reason = "stop"
+        req.last_token_time = time.perf_counter()
+        self.scheduler.finish(req)
+        self.stats.e2e.observe(req.last_token_time - req.arrival_time)
+        return req
+
+    def embed_last_tokens(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """The final hidden state of each prompt's last token, computed by the same scheduler,
+        KV cache and compiled model as generation (prefix caching included)."""
+        params = SamplingParams(max_tokens=1, detokenize=False)
+        for ids in prompts:
+            self.check_request(ids, params)
+        requests = [self.add_request(None, ids, params)[0] for ids in prompts]
+        try:
+            while self.has_unfinished:
+                self.step()
+        finally:
+            if self.has_unfinished:  # an exception interrupted the loop
+                self.abort_all()
+        return [req.pooled for req in requests]
 
     def _append_token(self, req: Request, token: int, logprobs: list | None) -> None:
         req.token_ids.append(token)

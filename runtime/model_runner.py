@@ -207,6 +207,14 @@ class ModelRunner:
         sampling = SamplingBatch.from_requests(reqs, logits.shape[-1], self.device)
         return inputs.sampling_rows, sample(logits, sampling), prompt_logprobs
 
+    @torch.inference_mode()
+    def execute_pooling(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor]:
+        """Run one step of pooling requests; return the batch rows whose prompt ended in this
+        step and the final hidden state of each one's last token (last-token pooling)."""
+        inputs = self.prepare_inputs(batch)
+        hidden = self.graph_runner.run(inputs.input_ids, inputs.positions, inputs.meta)
+        return inputs.sampling_rows, hidden[inputs.logits_indices].float()
+
     def prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> dict:
         """For requests that asked for prompt logprobs: each prompt position this step
         computed (and not recorded before a preemption) gives the logprob of the next prompt

@@ -33,13 +33,13 @@ class PoolingConfig:
     normalize: bool
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path) -> "PoolingConfig":
-        """sentence-transformers' choice for the checkpoint; CLS without normalising (the
-        BERT convention) when the folder has none."""
+    def from_checkpoint(cls, folder: str | Path, default: "PoolingConfig") -> "PoolingConfig":
+        """sentence-transformers' choice for the checkpoint; `default` when the folder has
+        none."""
         folder = Path(folder)
         modules_path = folder / "modules.json"
         if not modules_path.is_file():
-            return cls("CLS", False)
+            return default
         try:
             modules = json.loads(modules_path.read_text())
             types = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
@@ -53,7 +53,7 @@ class PoolingConfig:
                                             ("pooling_mode_cls_token", "CLS"),
                                             ("pooling_mode_lasttoken", "LAST"),
                                             ("pooling_mode_max_tokens", "MAX"))
-                     if pooling.get(key)), "CLS")
+                     if pooling.get(key)), default.pooling_type)
         return cls(mode, "Normalize" in types)
 
 
@@ -152,14 +152,25 @@ class PoolingRunner:
 
 
 class Pooler:
-    """The pooling side of `LLM`: tokenizer, encoder and batching, with no KV cache."""
+    """The pooling side of `LLM`. Encoders run here in padded batches with no KV cache;
+    decoder models pool their last token through the generation engine (`engine`)."""
 
-    def __init__(self, config):
+    def __init__(self, config, engine=None):
         from ..models.loader import build_model, init_dummy_weights, load_weights
         from .tokenizer import Tokenizer
 
         mc = config.model
         self.max_len = mc.max_model_len
+        self.engine = engine
+        if engine is not None:
+            self.tokenizer = engine.tokenizer
+            # vLLM's default for decoders used as embedding models.
+            self.pooling = PoolingConfig.from_checkpoint(mc.path, PoolingConfig("LAST", True))
+            if self.pooling.pooling_type != "LAST":
+                raise ValueError(f"kiln pools decoder models by their last token; "
+                                 f"{mc.path} asks for {self.pooling.pooling_type} pooling")
+            self.is_cross_encoder = False
+            return
         self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer(mc.tokenizer,
                                                                        mc.tokenizer_mode)
         self.model = build_model(mc.arch_config, mc.dtype, config.device)
@@ -167,7 +178,7 @@ class Pooler:
             init_dummy_weights(self.model, mc.seed)
         else:
             load_weights(self.model, mc.path)
-        self.pooling = PoolingConfig.from_checkpoint(mc.path)
+        self.pooling = PoolingConfig.from_checkpoint(mc.path, PoolingConfig("CLS", False))
         self.is_cross_encoder = hasattr(self.model, "classify")
         self.runner = PoolingRunner(self.model, config.device,
                                     config.scheduler.max_num_batched_tokens)
@@ -183,6 +194,9 @@ class Pooler:
         for ids in prompts:
             self.check_length(ids)
         normalize = self.pooling.normalize if params.normalize is None else params.normalize
+        if self.engine is not None:
+            vectors = self.engine.embed_last_tokens(prompts)
+            return [F.normalize(v, dim=-1) if normalize else v for v in vectors]
         return self.runner.embed(prompts, self.pooling.pooling_type, normalize)
 
     def score(self, pairs: list[tuple[str, str]], params: PoolingParams) -> list[float]:

@@ -40,6 +40,7 @@ class Request:
         self.detokenizer = None
         self.bad_words_token_ids: list[list[int]] = []
         self.matcher = None  # structured output: the grammar's state after the output so far
+        self.pooled = None  # pooling engines: the last prompt token's final hidden state
         self.arrival_time = time.perf_counter()
         self.last_token_time = 0.0
 

@@ -95,7 +95,32 @@ def test_pooling_on_a_generation_model_is_refused(tiny_llama):
               kv_cache_memory=16 << 20)
     with pytest.raises(ValueError, match="no pooling applies"):
         llm.embed({"prompt_token_ids": [1, 2, 3]})
-    with pytest.raises(ValueError, match="not supported yet"):
-        LLM(str(tiny_llama[0]), runner="pooling")
     with pytest.raises(ValueError, match="cannot generate"):
         LLM(EMBEDDING_MODEL, runner="generate")
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_decoder_last_token_pooling_matches_transformers(tiny_llama, enforce_eager):
+    """runner='pooling' on a decoder: the normalised final hidden state of each prompt's last
+    token, as transformers computes it, through kiln's engine (compiled or eager)."""
+    from conftest import random_prompts
+
+    folder, hf = tiny_llama
+    prompts = random_prompts(6, seed=3)
+    prompts.append(prompts[0] + [7, 8, 9])  # shares a cached prefix with the first
+    with torch.no_grad():
+        expected = torch.stack([hf.model(torch.tensor([p])).last_hidden_state[0, -1]
+                                for p in prompts])
+    llm = LLM(str(folder), runner="pooling", skip_tokenizer_init=True,
+              enforce_eager=enforce_eager, kv_cache_memory=16 << 20)
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts])
+    ours = torch.stack([o.outputs.data for o in outs])
+    assert torch.allclose(ours, F.normalize(expected, dim=-1), atol=1e-4)
+    raw = llm.encode({"prompt_token_ids": prompts[1]}, PoolingParams(normalize=False))
+    assert torch.allclose(raw[0].outputs.data, expected[1], atol=1e-4)
+    with pytest.raises(ValueError, match="runs as a pooling model"):
+        llm.generate({"prompt_token_ids": [1, 2]})
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.embed({"prompt_token_ids": [1, 999]})
+    assert llm.embed({"prompt_token_ids": [5, 6]})[0].outputs.data.norm().item() == \
+        pytest.approx(1.0, abs=1e-5)

@@ -206,6 +206,14 @@ def test_n_completions_under_preemption_finish(tiny_llama):
     assert all(len(c.token_ids) == 20 for o in outs for c in o.outputs)
     assert llm.engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
+    # More completions than the cache can ever hold at once (12 x 13 blocks > 24) are not an
+    # error: they take turns, and each draws what it would draw with room for all.
+    params = SamplingParams(n=12, temperature=0.9, seed=2, max_tokens=20, ignore_eos=True)
+    small = llm.generate(prompts[0], params, use_tqdm=False)[0].outputs
+    large = tiny_llm(tiny_llama[0], block_size=4).generate(prompts[0], params,
+                                                           use_tqdm=False)[0].outputs
+    assert [c.token_ids for c in small] == [c.token_ids for c in large]
+    assert_all_blocks_free(llm)
 
 
 def test_logit_bias_and_allowed_token_ids(tiny_llama):
