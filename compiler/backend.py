@@ -4,7 +4,8 @@ artifacts between identical pieces, keep them in a persistent cache.
 kiln compiles the decoder layer, not the whole model (graphs/runner.py): Dynamo traces one
 layer call with a symbolic token count, and every other layer of the same structure reuses
 that trace, so tracing time does not grow with depth. The traced graph is split at the
-`kiln::paged_attention` call; the attention runs as it is, every other piece is compiled by
+attention call (`kiln::paged_attention`, or `kiln::encoder_attention` in encoders); the
+attention runs as it is, every other piece is compiled by
 Inductor separately for each token count it is called with (a static shape per bucket).
 Pieces are keyed by their structure and input shapes, never by which layer they came from."""
 
@@ -26,8 +27,11 @@ from .passes import single_token_linear_as_reduction
 logger = logging.getLogger("kiln")
 
 
+SPLIT_OPS = ("kiln.paged_attention", "kiln.encoder_attention")
+
+
 def is_attention(node: fx.Node) -> bool:
-    return node.op == "call_function" and "kiln.paged_attention" in str(node.target)
+    return node.op == "call_function" and any(op in str(node.target) for op in SPLIT_OPS)
 
 
 class UncompiledSizeError(RuntimeError):
@@ -162,8 +166,10 @@ class KilnBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         self.counters.num_traces += 1
-        static_size = next(a.shape[0] for a in example_inputs  # the positions input
-                           if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
+        # A decoder's positions give the size of a static trace; encoder layers take no
+        # int64 input, and their traces are always symbolic.
+        static_size = next((a.shape[0] for a in example_inputs
+                            if isinstance(a, torch.Tensor) and a.dtype == torch.int64), None)
         pieces: dict[fx.Node, int] = {}
         piece = 0
         for node in gm.graph.nodes:

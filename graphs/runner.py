@@ -27,10 +27,11 @@ from .cuda_graph import CudaGraphs, StaticBuffers
 logger = logging.getLogger("kiln")
 
 
-def _call_layer(layer, positions, hidden, residual):
-    """The compile boundary: one decoder layer. Layers of the same structure share its trace
-    (their weights are graph inputs), so tracing cost does not grow with depth."""
-    return layer(positions, hidden, residual)
+def _call_layer(layer, *args):
+    """The compile boundary: one decoder (or encoder) layer. Layers of the same structure
+    share its trace (their weights are graph inputs), so tracing cost does not grow with
+    depth."""
+    return layer(*args)
 
 
 class GraphRunner:
@@ -58,21 +59,23 @@ class GraphRunner:
                                             dynamic=True)
         self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.positions = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
+        self.token_type_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.decode_sizes = decode_sizes(sizes, max_num_seqs)
         if device.type == "cuda" and compilation.cudagraphs:
             buffers = StaticBuffers.allocate(self.decode_sizes[-1], max_blocks_per_seq,
                                              sink_block, block_size, device)
             self.cuda_graphs = CudaGraphs(self._compiled_forward, buffers)
 
-    def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        return self.model(input_ids, positions, call_layer=self.compiled_layer)
+    def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **extra):
+        return self.model(input_ids, positions, call_layer=self.compiled_layer, **extra)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, H] for the step's T tokens."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, H] for the step's T tokens (`token_type_ids`: encoders only)."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         if self.backend is None:
             with attention_context(meta):
-                return self.model(input_ids, positions)
+                return self.model(input_ids, positions, **extra)
         num_tokens = input_ids.shape[0]
         size = padded_size(self.sizes, num_tokens)
         if self.cuda_graphs is not None and self.cuda_graphs.can_replay(meta, num_tokens, size):
@@ -83,8 +86,13 @@ class GraphRunner:
         self.input_ids[num_tokens:size] = 0
         self.positions[:num_tokens].copy_(positions)
         self.positions[num_tokens:size] = 0
+        if token_type_ids is not None:
+            self.token_type_ids[:num_tokens].copy_(token_type_ids)
+            self.token_type_ids[num_tokens:size] = 0
+            extra["token_type_ids"] = self.token_type_ids[:size]
         with attention_context(meta):
-            hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size])
+            hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size],
+                                            **extra)
         return hidden[:num_tokens]
 
     def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata]) -> None:

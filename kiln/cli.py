@@ -93,7 +93,8 @@ def _warmup(args, llm_class) -> int:
                     max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
                     compilation_config={"sizes": sizes})
-    backend = llm.engine.runner.graph_runner.backend
+    runner = llm.engine.runner if llm.engine is not None else llm.pooler.runner
+    backend = runner.graph_runner.backend
     counters = backend.counters
     for size, seconds in sorted(counters.seconds_by_size.items()):
         print(f"  {size:>6} tokens  {seconds:6.1f} s")

@@ -144,8 +144,10 @@ class LLM:
             compile_cache_dir=compile_cache_dir,
         )
         self.engine = self.pooler = None
-        if is_encoder:  # encoders keep no KV cache and run eagerly in padded batches
+        if is_encoder:  # encoders keep no KV cache and need no scheduler
             self.pooler = Pooler(self.config)
+            if not enforce_eager:
+                self.pooler.runner.warmup()
             return
         self.engine = Engine(self.config, pooling=runner == "pooling")
         if runner == "pooling":  # a decoder as an embedding model: last-token pooling

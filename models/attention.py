@@ -103,6 +103,36 @@ def _(q, k, v, kv_cache, scale, sliding_window):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("kiln::encoder_attention", mutates_args=())
+def encoder_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """Bidirectional attention of encoders: every token sees every token of its own sequence.
+    q/k/v: [T', H, D] of a flat batch (no KV cache; `token_to_seq` and `token_offsets` place
+    the step's real tokens, `seq_lens` bounds each sequence) -> [T', H, D], padded rows zero."""
+    meta = current_metadata()
+    num_tokens = meta.token_to_seq.shape[0]
+    rows, cols = meta.token_to_seq, meta.token_offsets
+    num_seqs, width = meta.seq_lens.shape[0], meta.max_query_len
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [S, H, L, D]
+        out = x.new_zeros(num_seqs, width, *x.shape[1:])
+        out[rows, cols] = x[:num_tokens]
+        return out.transpose(1, 2)
+
+    mask = torch.arange(width, device=q.device) < meta.seq_lens[:, None]
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v),
+                                         attn_mask=mask[:, None, None, :], scale=scale)
+    out = out.transpose(1, 2)[rows, cols]
+    if num_tokens == q.shape[0]:
+        return out
+    return torch.cat([out, out.new_zeros(q.shape[0] - num_tokens, *out.shape[1:])])
+
+
+@encoder_attention_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """BERT encoders (Devlin et al., 2019), as sentence-embedding models use them: token,
 position and segment embeddings summed and normalised, then post-norm transformer blocks
-with bidirectional attention over a padded batch. `BertForSequenceClassification` adds the
+with bidirectional attention within each sequence. `BertForSequenceClassification` adds the
 pooler (tanh of a projection of the [CLS] state) and a linear classifier: a cross-encoder.
 
-Encoders keep no KV cache; the pooling runner (runtime/pooling.py) calls them on padded
-batches with an attention mask."""
+A batch is flat, as in the decoders: T tokens of several sequences, placed by the attention
+metadata. Encoders keep no KV cache; attention is the custom op `kiln::encoder_attention`,
+where the compiler splits each layer as it does a decoder's."""
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,11 @@ class LayerNorm(nn.Module):
         self.weight, self.bias, self.eps = _new_param(size), _new_param(size), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        # Written out rather than F.layer_norm: Dynamo passes `eps` as a symbolic float,
+        # which F.layer_norm cannot take.
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 class BertEmbeddings(nn.Module):
@@ -37,8 +42,7 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = VocabParallelEmbedding(config.type_vocab_size, h)
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
 
-    def forward(self, input_ids, token_type_ids):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids, positions, token_type_ids):
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
              + self.token_type_embeddings(token_type_ids))
         return self.LayerNorm(x)
@@ -49,14 +53,14 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
                                           self.num_heads, bias=True)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim))
                    for t in self.qkv_proj(x).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return out.transpose(1, 2).flatten(2)
+        return torch.ops.kiln.encoder_attention(q, k, v, self.scale).flatten(1)
 
 
 class BertLayer(nn.Module):
@@ -76,8 +80,8 @@ class BertLayer(nn.Module):
         self.output.dense = RowParallelLinear(config.intermediate_size, h, bias=True)
         self.output.LayerNorm = LayerNorm(h, eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        attn = self.attention.output.dense(self.attention.self(x, mask))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attention.output.dense(self.attention.self(x))
         x = self.attention.output.LayerNorm(x + attn)
         ffn = self.output.dense(F.gelu(self.intermediate.dense(x)))
         return self.output.LayerNorm(x + ffn)
@@ -103,17 +107,20 @@ class BertModel(nn.Module):
         self.pooler.dense = ColumnParallelLinear(config.hidden_size, config.hidden_size,
                                                  bias=True)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, T, H] of a padded batch; padding positions are masked out."""
-        mask = attention_mask[:, None, None, :].bool()
-        x = self.embeddings(input_ids, token_type_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, call_layer=None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, H] of a flat batch; attention metadata comes from
+        attention_context. `call_layer(layer, hidden)`, when given, runs each layer (the
+        compiler passes its compiled layer call here)."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, positions, token_type_ids)
         for layer in self.encoder.layer:
-            x = layer(x, mask)
+            x = layer(x) if call_layer is None else call_layer(layer, x)
         return x
 
-    def pool_cls(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.pooler.dense(hidden[:, 0]))
+    def pool_cls(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.pooler.dense(cls_hidden))
 
 
 class BertForSequenceClassification(nn.Module):
@@ -129,9 +136,9 @@ class BertForSequenceClassification(nn.Module):
         self.bert = BertModel(config)
         self.classifier = ColumnParallelLinear(config.hidden_size, config.num_labels, bias=True)
 
-    def forward(self, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
-        return self.bert(input_ids, token_type_ids, attention_mask)
+    def forward(self, input_ids, positions, call_layer=None, token_type_ids=None):
+        return self.bert(input_ids, positions, call_layer, token_type_ids)
 
-    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [B, num_labels] from the hidden states of a batch."""
-        return self.classifier(self.bert.pool_cls(hidden))
+    def classify(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_labels] from the [CLS] states [B, H] of a batch."""
+        return self.classifier(self.bert.pool_cls(cls_hidden))

@@ -133,6 +133,13 @@ class EngineConfig:
     enforce_eager: bool
     compile_cache_dir: Path | None  # None: compile without a persistent cache
 
+    def __post_init__(self) -> None:
+        sizes, budget = self.compilation.sizes, self.scheduler.max_num_batched_tokens
+        if sizes and not self.enforce_eager and sizes[-1] < budget:
+            raise ValueError(f"compilation sizes {sizes} stop below max_num_batched_tokens="
+                             f"{budget}: a step of that many tokens would have no compiled "
+                             f"size; add {budget} or lower max_num_batched_tokens")
+
     def compile_sizes(self) -> list[int]:
         sched = self.scheduler
         return self.compilation.sizes or plan_sizes(sched.max_num_seqs,

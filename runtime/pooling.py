@@ -1,16 +1,21 @@
 """Pooling models: embeddings (`encode`, `embed`, `score` by cosine) and cross-encoder scores.
 
 Encoders keep no KV cache and need no scheduler step by step: prompts are sorted by length,
-packed into padded batches of at most `max_num_batched_tokens` tokens, run once, pooled and
-returned in the caller's order. How to pool comes from the checkpoint's sentence-transformers
-files (modules.json, 1_Pooling/config.json) unless `PoolingParams` says otherwise."""
+packed into flat batches of at most `max_num_batched_tokens` tokens, run once (through the
+compiled layers unless `enforce_eager`), pooled and returned in the caller's order. How to
+pool comes from the checkpoint's sentence-transformers files (modules.json,
+1_Pooling/config.json) unless `PoolingParams` says otherwise."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..models import AttentionMetadata
 
 POOLING_TYPES = ("MEAN", "CLS", "LAST", "MAX")
 
@@ -81,58 +86,92 @@ class PoolingRequestOutput:
     finished: bool = True
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling_type: str) -> torch.Tensor:
-    """[B, T, H] hidden states of a right-padded batch -> [B, H]."""
-    mask = mask.to(hidden.dtype)[..., None]
-    if pooling_type == "MEAN":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+def pool(hidden: torch.Tensor, seq_lens: torch.Tensor, token_to_seq: torch.Tensor,
+         pooling_type: str) -> torch.Tensor:
+    """[T, H] hidden states of a flat batch of sequences -> [S, H]."""
+    ends = seq_lens.cumsum(0)
     if pooling_type == "CLS":
-        return hidden[:, 0]
+        return hidden[ends - seq_lens]
     if pooling_type == "LAST":
-        last = mask[..., 0].sum(1).long() - 1
-        return hidden[torch.arange(hidden.shape[0]), last]
-    return hidden.masked_fill(mask == 0, float("-inf")).amax(1)
+        return hidden[ends - 1]
+    out = hidden.new_zeros(seq_lens.shape[0], hidden.shape[1])
+    if pooling_type == "MEAN":
+        return out.index_add_(0, token_to_seq, hidden) / seq_lens[:, None]
+    return out.index_reduce_(0, token_to_seq, hidden, "amax", include_self=False)
+
+
+def flat_metadata(lengths: list[int], device: torch.device) -> AttentionMetadata:
+    """Metadata of a flat encoder batch: sequences of `lengths` tokens, back to back."""
+    seq_lens = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(seq_lens) - seq_lens
+    token_to_seq = np.repeat(np.arange(len(lengths)), seq_lens)
+    offsets = np.arange(int(seq_lens.sum())) - starts[token_to_seq]
+
+    def tensor(a):
+        return torch.from_numpy(a).to(device)
+
+    return AttentionMetadata(
+        slot_mapping=tensor(offsets),  # unused: encoders write no KV cache
+        seq_lens=tensor(seq_lens), query_lens=tensor(seq_lens),
+        block_tables=torch.zeros(len(lengths), 0, dtype=torch.int64, device=device),
+        token_to_seq=tensor(token_to_seq), token_offsets=tensor(offsets),
+        num_decodes=0, max_query_len=int(seq_lens.max()))
 
 
 class PoolingRunner:
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_batch_tokens: int):
+    """Packs prompts into flat batches of at most `max_batch_tokens` tokens and runs the
+    encoder through the GraphRunner: compiled per token-count bucket unless eager."""
+
+    def __init__(self, model: torch.nn.Module, config):
+        from ..compiler.cache import CompileCache
+        from ..graphs.runner import GraphRunner
+
         self.model = model
-        self.device = device
-        self.max_batch_tokens = max_batch_tokens
+        self.device = config.device
+        sizes = config.compile_sizes()
+        self.max_batch_tokens = config.scheduler.max_num_batched_tokens
+        if self.max_batch_tokens < config.model.max_model_len:
+            raise ValueError(f"an encoder runs each prompt whole, so max_num_batched_tokens="
+                             f"{self.max_batch_tokens} must be at least max_model_len="
+                             f"{config.model.max_model_len}")
+        cache_dir = config.compile_cache_dir
+        cache = None if config.enforce_eager or cache_dir is None else CompileCache(cache_dir)
+        # Encoder batches are never decode-only, so there is nothing to capture as a graph.
+        compilation = dataclasses.replace(config.compilation, cudagraphs=False)
+        self.graph_runner = GraphRunner(model, self.device, config.enforce_eager, compilation,
+                                        sizes, config.scheduler.max_num_seqs, 1, 0, 1, cache,
+                                        config.compile_cache_salt())
+
+    def warmup(self) -> None:
+        self.graph_runner.warmup(lambda n: flat_metadata([1] * n, self.device))
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
-        """Prompt indices grouped by similar length, each group padded to its longest prompt
-        within the token budget."""
+        """Prompt indices grouped by similar length (attention pads to the longest of a
+        batch) within the token budget."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        groups, current = [], []
+        groups, current, tokens = [], [], 0
         for i in order:
-            if current and (len(current) + 1) * lengths[i] > self.max_batch_tokens:
+            if current and tokens + lengths[i] > self.max_batch_tokens:
                 groups.append(current)
-                current = []
+                current, tokens = [], 0
             current.append(i)
+            tokens += lengths[i]
         return groups + ([current] if current else [])
 
     @torch.inference_mode()
     def hidden_states(self, prompts: list[tuple[list[int], list[int]]]):
-        """Yield (indices, hidden [B, T, H], mask [B, T]) per batch of (ids, type ids)."""
+        """Yield (indices, hidden [T, H], metadata) per batch of (ids, type ids)."""
         for group in self.batches([len(ids) for ids, _ in prompts]):
-            width = max(len(prompts[i][0]) for i in group)
-            ids = torch.zeros(len(group), width, dtype=torch.int64)
-            types = torch.zeros(len(group), width, dtype=torch.int64)
-            mask = torch.zeros(len(group), width, dtype=torch.int64)
-            for row, i in enumerate(group):
-                n = len(prompts[i][0])
-                ids[row, :n] = torch.tensor(prompts[i][0])
-                types[row, :n] = torch.tensor(prompts[i][1])
-                mask[row, :n] = 1
-            ids, types, mask = (t.to(self.device) for t in (ids, types, mask))
-            yield group, self.model(ids, types, mask), mask
+            meta = flat_metadata([len(prompts[i][0]) for i in group], self.device)
+            ids, types = (torch.tensor([t for i in group for t in prompts[i][part]],
+                                       device=self.device) for part in (0, 1))
+            yield group, self.graph_runner.run(ids, meta.token_offsets, meta, types), meta
 
     def embed(self, prompts: list[list[int]], pooling_type: str,
               normalize: bool) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(prompts)
-        for group, hidden, mask in self.hidden_states([(p, [0] * len(p)) for p in prompts]):
-            pooled = pool(hidden, mask, pooling_type).float()
+        for group, hidden, meta in self.hidden_states([(p, [0] * len(p)) for p in prompts]):
+            pooled = pool(hidden.float(), meta.seq_lens, meta.token_to_seq, pooling_type)
             if normalize:
                 pooled = F.normalize(pooled, dim=-1)
             for row, i in enumerate(group):
@@ -142,8 +181,9 @@ class PoolingRunner:
     def classify(self, pairs: list[tuple[list[int], list[int]]],
                  activation: bool) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(pairs)
-        for group, hidden, _ in self.hidden_states(pairs):
-            logits = self.model.classify(hidden).float()
+        for group, hidden, meta in self.hidden_states(pairs):
+            logits = self.model.classify(pool(hidden, meta.seq_lens, meta.token_to_seq,
+                                              "CLS")).float()
             if activation:
                 logits = logits.sigmoid() if logits.shape[-1] == 1 else logits.softmax(-1)
             for row, i in enumerate(group):
@@ -180,8 +220,7 @@ class Pooler:
             load_weights(self.model, mc.path)
         self.pooling = PoolingConfig.from_checkpoint(mc.path, PoolingConfig("CLS", False))
         self.is_cross_encoder = hasattr(self.model, "classify")
-        self.runner = PoolingRunner(self.model, config.device,
-                                    config.scheduler.max_num_batched_tokens)
+        self.runner = PoolingRunner(self.model, config)
 
     def check_length(self, ids: list[int]) -> None:
         if not ids:

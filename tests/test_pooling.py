@@ -17,7 +17,10 @@ TEXTS = ["The cat sits on the mat.", "A dog runs in the park!",
 
 @pytest.fixture(scope="module")
 def minilm():
-    return LLM(EMBEDDING_MODEL)  # offline: the hub id resolves to the embedded wheel
+    # Offline, the hub id resolves to the embedded wheel. Compiled for two sizes only, to
+    # keep the suite's cold compile short.
+    return LLM(EMBEDDING_MODEL, max_num_batched_tokens=512,
+               compilation_config={"sizes": [128, 512]})
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,21 @@ def test_score_is_the_cosine_of_the_embeddings(minilm, reference_embeddings):
     assert minilm.score("a", "a")[0].outputs.score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_tiny_cross_encoder_matches_transformers_logits(tmp_path):
+def test_minilm_compiled_once_and_equal_to_eager(minilm):
+    counters = minilm.pooler.runner.graph_runner.backend.counters
+    before = counters.num_compiles + counters.num_cache_loads
+    eager = LLM(EMBEDDING_MODEL, enforce_eager=True)
+    texts = TEXTS * 20  # 240 texts: several batches of up to 512 tokens
+    ours = torch.stack([o.outputs.data for o in minilm.embed(texts)])
+    reference = torch.stack([o.outputs.data for o in eager.embed(texts)])
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert counters.num_traces == 1
+    assert counters.num_compiles + counters.num_cache_loads == before  # nothing new
+    assert minilm.pooler.runner.graph_runner.steps  # the compiled path ran
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_tiny_cross_encoder_matches_transformers_logits(tmp_path, enforce_eager):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     minilm_folder = embedded_model(EMBEDDING_MODEL)
@@ -80,7 +97,8 @@ def test_tiny_cross_encoder_matches_transformers_logits(tmp_path):
         batch = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True,
                     return_tensors="pt")
         logits = hf(**batch).logits[:, 0]
-    llm = LLM(str(tmp_path))
+    llm = LLM(str(tmp_path), enforce_eager=enforce_eager, max_model_len=64,
+              max_num_batched_tokens=64, compilation_config={"sizes": [64]})
     first, second = [a for a, _ in pairs], [b for _, b in pairs]
     probs = [o.outputs.score for o in llm.score(first, second)]
     assert probs == pytest.approx(logits.sigmoid().tolist(), abs=1e-4)
