@@ -33,6 +33,9 @@ def configure_dynamo(limit: int) -> None:
     trace for every other count. Dynamo also gives up on a function after a few distinct
     guards; several engines may live in one process (tests)."""
     torch.fx.experimental._config.use_duck_shape = False
+    # Floats (norm epsilons, attention scales) become constants of the trace instead of graph
+    # inputs converted to tensors on every call; layers of one model share their values.
+    torch._dynamo.config.specialize_float = True
     # Dynamo would otherwise give a token count of 1 a trace of its own (1.1 s per start).
     torch.fx.experimental._config.backed_size_oblivious = True
     config = torch._dynamo.config
@@ -40,6 +43,22 @@ def configure_dynamo(limit: int) -> None:
         config.recompile_limit = limit
     if getattr(config, "cache_size_limit", limit) < limit:
         config.cache_size_limit = limit
+
+
+def graph_input_sources(gm: torch.fx.GraphModule) -> list[str] | None:
+    """For a graph Dynamo hands to a backend: the Python expression (over `L`, the traced
+    function's locals) that each input was read from, in call order; None if any input has
+    none (or comes from a value Dynamo converted)."""
+    sources = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        arg = node.meta.get("grapharg")
+        if arg is None or arg.source is None or getattr(arg, "pass_arg_as_tensor", False):
+            return None
+        name = arg.source.name  # a method before torch 2.12, a property since
+        sources.append(name() if callable(name) else name)
+    return sources
 
 
 def keep_builds_in(path: Path) -> None:

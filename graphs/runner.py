@@ -55,8 +55,9 @@ class GraphRunner:
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
         # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo
         # always specialises 1); the pieces are still compiled for static sizes.
-        self.compiled_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
-                                            dynamic=True)
+        self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
+                                          dynamic=True)
+        self.direct: dict[torch.nn.Module, object] = {}  # layer -> its DirectCall
         self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.positions = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.token_type_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
@@ -65,6 +66,23 @@ class GraphRunner:
             buffers = StaticBuffers.allocate(self.decode_sizes[-1], max_blocks_per_seq,
                                              sink_block, block_size, device)
             self.cuda_graphs = CudaGraphs(self._compiled_forward, buffers)
+
+    def compiled_layer(self, layer: torch.nn.Module, *args):
+        """Run a layer's compiled pieces: through Dynamo the first time, then directly with
+        the trace Dynamo chose for it, when its graph's output is the layer's output and its
+        inputs can be read back from the layer and its arguments."""
+        direct = self.direct.get(layer)
+        if direct is not None:
+            out = direct(layer, args)
+            return out[0] if len(out) == 1 else tuple(out)
+        out = self.traced_layer(layer, *args)
+        entry, inputs, outputs = self.backend.last_call
+        returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        if entry is not None and len(returned) == len(outputs) and all(
+                a is b for a, b in zip(returned, outputs)) and \
+                entry.reproduces(layer, args, inputs):
+            self.direct[layer] = entry
+        return out
 
     def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **extra):
         return self.model(input_ids, positions, call_layer=self.compiled_layer, **extra)

@@ -41,27 +41,32 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor, query_lens: torch.Tensor, scale: float,
-                  sliding_window: int | None) -> torch.Tensor:
+                  mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [S, Q, Hq, D] padded queries of S sequences -> [S, Q, Hq, D]."""
-    num_seqs, num_blocks = block_tables.shape
     keys = kv_cache[0][block_tables].flatten(1, 2)  # [S, L, Hkv, D]
     values = kv_cache[1][block_tables].flatten(1, 2)
-    key_pos = torch.arange(keys.shape[1], device=q.device)
-    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(q.shape[1], device=q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+def _group_mask(seq_lens: torch.Tensor, query_lens: torch.Tensor, num_queries: int,
+                num_keys: int, sliding_window: int | None) -> torch.Tensor:
+    """[S, 1, Q, L] which of a group's L gathered keys each of its Q padded queries sees."""
+    key_pos = torch.arange(num_keys, device=seq_lens.device)
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(num_queries,
+                                                                 device=seq_lens.device)
     # Padded query rows get positions past the sequence end: they still see every real key,
     # so no row of the softmax is empty.
     mask = (key_pos <= query_pos[..., None]) & (key_pos < seq_lens[:, None, None])
     if sliding_window is not None:
         mask &= key_pos > query_pos[..., None] - sliding_window
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=True,
-    )
-    return out.transpose(1, 2)
+    return mask.unsqueeze(1)
 
 
-_current: list[AttentionMetadata] = []
+_current: list[tuple[AttentionMetadata, dict]] = []
 
 
 @contextlib.contextmanager
@@ -69,7 +74,7 @@ def attention_context(meta: AttentionMetadata):
     """Make `meta` the metadata every attention layer reads during one forward pass."""
     if _current:
         raise RuntimeError("attention_context does not nest: one forward pass at a time")
-    _current.append(meta)
+    _current.append((meta, {}))
     try:
         yield meta
     finally:
@@ -80,7 +85,18 @@ def current_metadata() -> AttentionMetadata:
     if not _current:
         raise RuntimeError("attention ran outside attention_context: the runtime must enter "
                            "it around each forward pass")
-    return _current[0]
+    return _current[0][0]
+
+
+def _shared(key, compute):
+    """What every layer of one forward pass would compute alike (masks, prefill placement),
+    computed by the first layer that asks. Outside a pass (direct calls), not kept."""
+    if not _current:
+        return compute()
+    cache = _current[0][1]
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 @torch.library.custom_op("kiln::paged_attention", mutates_args=("kv_cache",))
@@ -119,9 +135,10 @@ def encoder_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out[rows, cols] = x[:num_tokens]
         return out.transpose(1, 2)
 
-    mask = torch.arange(width, device=q.device) < meta.seq_lens[:, None]
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v),
-                                         attn_mask=mask[:, None, None, :], scale=scale)
+    mask = _shared("encoder mask", lambda: (torch.arange(width, device=q.device)
+                                            < meta.seq_lens[:, None])[:, None, None, :])
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask,
+                                         scale=scale)
     out = out.transpose(1, 2)[rows, cols]
     if num_tokens == q.shape[0]:
         return out
@@ -141,20 +158,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     nd = meta.num_decodes
     outputs = []
     if nd > 0:
-        outputs.append(_attend_group(
-            q[:nd, None], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-            meta.query_lens[:nd], scale, sliding_window,
-        )[:, 0])
+        tables = meta.block_tables[:nd]
+        mask = _shared(("decode", sliding_window), lambda: _group_mask(
+            meta.seq_lens[:nd], meta.query_lens[:nd], 1,
+            tables.shape[1] * kv_cache.shape[2], sliding_window))
+        outputs.append(_attend_group(q[:nd, None], kv_cache, tables, mask, scale)[:, 0])
     if q.shape[0] > nd:
-        rows = meta.token_to_seq[nd:] - nd
-        cols = meta.token_offsets[nd:]
-        num_prefills = meta.seq_lens.shape[0] - nd
-        padded = q.new_zeros(num_prefills, meta.max_query_len, *q.shape[1:])
+        tables = meta.block_tables[nd:]
+        rows, cols = _shared("prefill rows", lambda: (meta.token_to_seq[nd:] - nd,
+                                                      meta.token_offsets[nd:]))
+        mask = _shared(("prefill", sliding_window), lambda: _group_mask(
+            meta.seq_lens[nd:], meta.query_lens[nd:], meta.max_query_len,
+            tables.shape[1] * kv_cache.shape[2], sliding_window))
+        padded = q.new_zeros(tables.shape[0], meta.max_query_len, *q.shape[1:])
         padded[rows, cols] = q[nd:]
-        out = _attend_group(
-            padded, kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
-            meta.query_lens[nd:], scale, sliding_window,
-        )
+        out = _attend_group(padded, kv_cache, tables, mask, scale)
         outputs.append(out[rows, cols])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
