@@ -14,24 +14,42 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
+from ..models.attention import SPLIT_OPS
+from . import passes as passes_module
 from .cache import CompileCache
 from .config import CompilationConfig
 from .inductor import compile_piece, graph_input_sources
-from .passes import single_token_linear_as_reduction
+from .passes import linear_as_weight_times_input, single_token_linear_as_reduction
+
+# The passes' code is part of every key: editing a pass must not load what the old one built.
+_PASSES_SOURCE = hashlib.sha256(Path(passes_module.__file__).read_bytes()).hexdigest()
+
+# kiln's passes: name -> (whether it applies to a piece compiled for this many tokens, pass).
+PASSES = {
+    "single_token_linear_as_reduction": (lambda size: size == 1,
+                                         single_token_linear_as_reduction),
+    "linear_as_weight_times_input": (lambda size: 1 < size <= 256,
+                                     linear_as_weight_times_input),
+}
 
 logger = logging.getLogger("kiln")
 
 
-SPLIT_OPS = ("kiln.paged_attention", "kiln.encoder_attention")
+def _split_op(node: fx.Node):
+    """The plain function behind a split-point op, or None if the node is not one."""
+    if node.op != "call_function":
+        return None
+    return next((fn for name, fn in SPLIT_OPS.items() if name in str(node.target)), None)
 
 
 def is_attention(node: fx.Node) -> bool:
-    return node.op == "call_function" and any(op in str(node.target) for op in SPLIT_OPS)
+    return _split_op(node) is not None
 
 
 class UncompiledSizeError(RuntimeError):
@@ -203,7 +221,12 @@ class KilnBackend:
                 pieces[node] = piece
         split = split_module(gm, None, lambda n: pieces[n], keep_original_order=True)
         for name, sub in list(split.named_children()):
-            if not any(is_attention(n) for n in sub.graph.nodes):
+            calls = [n for n in sub.graph.nodes if is_attention(n)]
+            for node in calls:
+                node.target = _split_op(node)
+            if calls:
+                sub.recompile()
+            else:
                 piece = Piece(sub, _token_arg(sub), static_size, self)
                 self.pieces.append(piece)
                 setattr(split, name, piece)
@@ -224,18 +247,23 @@ class KilnBackend:
 
     def _rewritten(self, gm: fx.GraphModule, size: int) -> fx.GraphModule:
         """The piece's graph after kiln's passes for this size (a copy if any applies)."""
-        if size != 1 or "single_token_linear_as_reduction" not in self.config.passes:
+        passes = [fn for name, (applies, fn) in PASSES.items()
+                  if name in self.config.passes and applies(size)]
+        if not passes:
             return gm
         gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        single_token_linear_as_reduction(gm)
+        for fn in passes:
+            fn(gm)
         return gm
 
     def _key(self, piece: Piece, size: int, args: list) -> str:
         if size not in self.sizes:
             raise UncompiledSizeError(
                 f"called with {size} tokens; compiled sizes are {sorted(self.sizes)}")
+        passes = [name for name, (applies, _) in PASSES.items()
+                  if name in self.config.passes and applies(size)]
         return hashlib.sha256(f"{self.cache_salt}|{self.config.inductor_config()}|"
-                              f"{self.config.passes}|"
+                              f"{passes}|{_PASSES_SOURCE}|"
                               f"{piece.structure}|{_signature(args)}".encode()).hexdigest()[:32]
 
     def ensure(self, piece: Piece, size: int, args: list):

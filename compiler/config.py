@@ -4,7 +4,7 @@ import difflib
 from dataclasses import dataclass, field, fields
 
 MODES = ("default", "max-autotune-no-cudagraphs")
-KNOWN_PASSES = ("single_token_linear_as_reduction",)
+KNOWN_PASSES = ("single_token_linear_as_reduction", "linear_as_weight_times_input")
 
 
 @dataclass

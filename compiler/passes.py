@@ -37,6 +37,38 @@ def single_token_linear_as_reduction(gm: fx.GraphModule) -> int:
     return rewritten
 
 
+def linear_as_weight_times_input(gm: fx.GraphModule) -> int:
+    """In a piece compiled for a few rows, compute y = x W^T as (W x^T)^T.
+
+    Both are one BLAS call on the same memory; they differ in which operand BLAS walks as the
+    outer matrix. With x short (a decode batch), MKL on this machine runs W x^T 1.3-3.5x
+    faster than x W^T for SmolLM2's projections at 32 rows (the gate_up projection: 1.0 ms
+    against 3.5 ms). Returns the number of linears rewritten."""
+    rewritten = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _LINEAR:
+            continue
+        x, weight = node.args[0], node.args[1]
+        if x.meta["example_value"].dim() != 2:
+            continue
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            x_t = _with_value(graph.call_method("t", (x,)))
+            product = _with_value(graph.call_function(torch.matmul, (weight, x_t)))
+            out = _with_value(graph.call_method("t", (product,)))
+            # Row-major again: a piece's outputs feed pieces compiled for row-major inputs
+            # (Inductor fuses the copy into the consumer where it can).
+            out = _with_value(graph.call_method("contiguous", (out,)))
+            if bias is not None:
+                out = _with_value(graph.call_function(torch.add, (out, bias)))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        rewritten += 1
+    gm.recompile()
+    return rewritten
+
+
 def _with_value(node: fx.Node) -> fx.Node:
     """Give a new node the fake example value later stages read from Dynamo's nodes."""
     def value(arg):

@@ -139,7 +139,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return F.linear(hidden, head.weight).float()
+        if hidden.shape[0] == 1:
+            return F.linear(hidden, head.weight).float()
+        # The same product with the vocabulary as BLAS's outer matrix: 1.6x faster for 32
+        # rows on this CPU (see compiler/passes.py, linear_as_weight_times_input).
+        return (head.weight @ hidden.T).T.float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

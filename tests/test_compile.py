@@ -175,6 +175,34 @@ def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
+    """On an 8-token layer graph every linear becomes W @ x^T (transposed back), and the
+    rewritten graph computes the same layer."""
+    from kiln.compiler.passes import count_linears, linear_as_weight_times_input
+
+    llm = tiny_llm(tiny_llama[0])
+    layer = llm.engine.runner.model.model.layers[0]
+    counts = []
+
+    def rewrite(gm, example_inputs):
+        before = count_linears(gm)
+        rewritten = linear_as_weight_times_input(gm)
+        products = [n for n in gm.graph.nodes if n.target is torch.matmul]
+        weights_first = all(n.args[0].op == "placeholder" for n in products)
+        counts.append((before, rewritten, count_linears(gm), len(products), weights_first))
+        return gm.forward
+
+    positions = torch.arange(8)
+    hidden, residual = torch.randn(8, 64), torch.randn(8, 64)
+    with torch.no_grad(), attention_context(llm.engine.runner.dummy_metadata(8)):
+        expected = layer(positions, hidden, residual)
+        got = torch.compile(lambda *a: layer(*a), backend=rewrite, fullgraph=True)(
+            positions, hidden, residual)
+    assert counts == [(4, 4, 0, 4, True)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
     """Inductor's C++/Triton builds go under the compile cache, not the temp directory, so a
     filled cache starts warm after /tmp is wiped. Checked in a fresh process: the setting must
