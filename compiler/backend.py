@@ -115,6 +115,7 @@ class Piece(torch.nn.Module):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.token_sized = [_is_token_sized(n) for n in placeholders]
         self.example_args: list | None = None  # from the first call, to derive other sizes
+        self.only_sizes: set[int] | None = None  # None: every size of the backend
         # Artifacts loaded from disk return a sequence even for a single-output graph.
         output = next(n for n in gm.graph.nodes if n.op == "output")
         self.returns_one = not isinstance(output.args[0], (tuple, list))
@@ -137,7 +138,8 @@ class Piece(torch.nn.Module):
         without running the piece: inputs sized by the token count are replaced by empty
         tensors of that size, with the strides the real inputs have (they do not depend on
         the token count). A cached artifact is loaded on first use (0.2 s each here)."""
-        if self.token_arg is None or size in self.compiled or self.example_args is None:
+        if self.token_arg is None or size in self.compiled or self.example_args is None or (
+                self.only_sizes is not None and size not in self.only_sizes):
             return
         args = []
         for arg, token_sized in zip(self.example_args, self.token_sized):

@@ -93,6 +93,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; its weight has the embedding's shape."""
 
 
+class LogitsProjection(nn.Module):
+    """Hidden states [T, H] times the vocabulary matrix -> float32 logits [T, V]. The matrix
+    is an argument, not a parameter, so a tied embedding is not registered twice; as a
+    module, the compiler can compile it like a layer."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, weight).float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()

@@ -202,7 +202,7 @@ class ModelRunner:
         prompt_logprobs = self.prompt_logprobs(batch, hidden)
         if not inputs.sampling_rows:
             return [], None, prompt_logprobs
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        logits = self.graph_runner.logits(hidden[inputs.logits_indices])
         reqs = [batch.requests[i] for i in inputs.sampling_rows]
         sampling = SamplingBatch.from_requests(reqs, logits.shape[-1], self.device)
         return inputs.sampling_rows, sample(logits, sampling), prompt_logprobs

@@ -65,6 +65,18 @@ def test_compiled_matches_transformers_and_never_compiles_after_warmup(llm, refe
     assert after == before
 
 
+def test_compiled_logits_projection_equals_eager(llm):
+    runner = llm.engine.runner
+    hidden = torch.randn(1, 64)
+    with torch.inference_mode():
+        compiled = runner.graph_runner.logits(hidden)
+        eager = runner.model.compute_logits(hidden)
+        batched = runner.graph_runner.logits(hidden.repeat(3, 1))  # more rows: BLAS
+    assert runner.graph_runner.direct  # layers and projection run without Dynamo
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, eager.repeat(3, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_equals_eager_under_preemption_and_prefix_caching(tiny_llama, compile_cache,
                                                                    reference):
     prompts, expected = reference
@@ -90,13 +102,14 @@ def test_other_architecture_compiled(tiny_models, compile_cache):
 
 def test_compiled_pieces_do_not_grow_with_depth(tmp_path):
     """Every layer shares one trace and, per size, one artifact for the piece before attention
-    and one for the piece after it, whatever the depth."""
+    and one for the piece after it, whatever the depth; the logits projection adds one trace
+    and one artifact (for one row)."""
     for layers in (2, 4):
         make_tiny_model(tmp_path / f"m{layers}", num_hidden_layers=layers)
         llm = compiled_llm(tmp_path / f"m{layers}", str(tmp_path / f"cache{layers}"))
         c = counters(llm)
-        assert c.num_compiles == 2 * len(SIZES)
-        assert c.num_traces == 1  # one symbolic trace serves every size, 1 included
+        assert c.num_compiles == 2 * len(SIZES) + 1
+        assert c.num_traces == 2  # one symbolic trace serves every size, 1 included
 
 
 def test_warm_cache_loads_instead_of_compiling(tiny_llama, tmp_path, reference):
