@@ -66,14 +66,14 @@ def test_score_is_the_cosine_of_the_embeddings(minilm, reference_embeddings):
 
 def test_minilm_compiled_once_and_equal_to_eager(minilm):
     counters = minilm.pooler.runner.graph_runner.backend.counters
-    before = counters.num_compiles + counters.num_cache_loads
+    before = counters.num_compiles
     eager = LLM(EMBEDDING_MODEL, enforce_eager=True)
     texts = TEXTS * 20  # 240 texts: several batches of up to 512 tokens
     ours = torch.stack([o.outputs.data for o in minilm.embed(texts)])
     reference = torch.stack([o.outputs.data for o in eager.embed(texts)])
     assert torch.allclose(ours, reference, atol=1e-5)
     assert counters.num_traces == 1
-    assert counters.num_compiles + counters.num_cache_loads == before  # nothing new
+    assert counters.num_compiles == before  # serving compiles nothing
     assert minilm.pooler.runner.graph_runner.steps  # the compiled path ran
 
 
