@@ -33,7 +33,9 @@ def _build_parser() -> argparse.ArgumentParser:
     warmup.add_argument("--max-num-seqs", type=int, default=256)
     warmup.add_argument("--max-num-batched-tokens", type=int, default=None)
     warmup.add_argument("--buckets", default=None,
-                        help="comma-separated token counts to compile (default: planned)")
+                        help="comma-separated token counts to compile (default: planned); "
+                             "without --max-num-batched-tokens, steps are limited to the "
+                             "largest")
     warmup.add_argument("-v", "--verbose", action="store_true")
     cache = commands.add_parser("cache", help="inspect the compile cache")
     cache.add_argument("action", choices=["list", "verify", "clear"])
@@ -88,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _warmup(args, llm_class) -> int:
     sizes = [int(s) for s in args.buckets.split(",")] if args.buckets else None
+    budget = args.max_num_batched_tokens
+    if budget is None and sizes:  # steps of up to the largest bucket
+        budget = max(sizes)
     start = time.perf_counter()
     llm = llm_class(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                    max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
                     compilation_config={"sizes": sizes})
     runner = llm.engine.runner if llm.engine is not None else llm.pooler.runner
     backend = runner.graph_runner.backend
