@@ -9,6 +9,7 @@ attention runs as it is, every other piece is compiled by
 Inductor separately for each token count it is called with (a static shape per bucket).
 Pieces are keyed by their structure and input shapes, never by which layer they came from."""
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -24,7 +25,7 @@ from ..models.attention import SPLIT_OPS
 from . import passes as passes_module
 from .cache import CompileCache
 from .config import CompilationConfig
-from .inductor import compile_piece, graph_input_sources
+from .inductor import builds_in, compile_piece, graph_input_sources
 from .passes import linear_as_weight_times_input, single_token_linear_as_reduction
 
 # The passes' code is part of every key: editing a pass must not load what the old one built.
@@ -283,15 +284,16 @@ class KilnBackend:
             self.counters.num_shared += 1
             return self.artifacts[key]
         start = time.perf_counter()
-        artifact = self.cache.load(key) if self.cache is not None else None
-        if artifact is not None:
-            self.counters.num_cache_loads += 1
-        else:
-            artifact = compile_piece(self._rewritten(piece.gm, size), args,
-                                     self.config.inductor_config())
-            self.counters.num_compiles += 1
-            if self.cache is not None:
-                self.cache.save(key, artifact)
+        with builds_in(self.cache.root) if self.cache is not None else contextlib.nullcontext():
+            artifact = self.cache.load(key) if self.cache is not None else None
+            if artifact is not None:
+                self.counters.num_cache_loads += 1
+            else:
+                artifact = compile_piece(self._rewritten(piece.gm, size), args,
+                                         self.config.inductor_config())
+                self.counters.num_compiles += 1
+                if self.cache is not None:
+                    self.cache.save(key, artifact)
         elapsed = time.perf_counter() - start
         self.counters.seconds_by_size[size] = self.counters.seconds_by_size.get(size, 0) + elapsed
         self.artifacts[key] = artifact

@@ -4,6 +4,7 @@ kiln compiles graph pieces itself (so identical decoder layers share one compile
 artifacts can be saved under kiln's own cache keys); torch offers that through
 `torch._inductor.standalone_compile` and `CompiledArtifact`, which have no public alias yet."""
 
+import contextlib
 import os
 import platform
 from pathlib import Path
@@ -61,13 +62,50 @@ def graph_input_sources(gm: torch.fx.GraphModule) -> list[str] | None:
     return sources
 
 
-def keep_builds_in(path: Path) -> None:
+# Build directories the user chose before kiln ran; kiln leaves those alone.
+_USER_BUILD_DIRS = {name: os.environ.get(name)
+                    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+
+
+def _build_dirs(root: Path) -> dict[str, str]:
+    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+            "TRITON_CACHE_DIR": str(root / "triton")}
+
+
+def keep_builds_in(root: Path) -> None:
     """Keep Inductor's and Triton's build caches (compiled C++ and GPU kernels) under kiln's
     cache instead of the temporary directory: a saved artifact holds generated source, and
     loading it without those builds compiles every kernel again (65 s instead of 15 s for
-    SmolLM2 here). A cache directory the user chose is left alone."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
-    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    SmolLM2 here). A directory the user chose is left alone."""
+    for name, path in _build_dirs(root).items():
+        os.environ.setdefault(name, path)
+
+
+@contextlib.contextmanager
+def builds_in(root: Path):
+    """Compile and load inside with the builds kept beside this cache's artifacts. Without
+    this, a process that used another kiln cache first kept building there, and this
+    cache's artifacts then lacked their kernels: the next process rebuilt them on first use
+    (14 s before a first token, seen here)."""
+    wanted = {name: path for name, path in _build_dirs(root).items()
+              if _USER_BUILD_DIRS[name] is None}
+    if all(os.environ.get(name) == path for name, path in wanted.items()):
+        yield
+        return
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    triton = os.environ.get("TRITON_CACHE_DIR")
+    if "TRITON_CACHE_DIR" in wanted:
+        os.environ["TRITON_CACHE_DIR"] = wanted["TRITON_CACHE_DIR"]
+    try:
+        inductor = wanted.get("TORCHINDUCTOR_CACHE_DIR")
+        with temporary_cache_dir(inductor) if inductor else contextlib.nullcontext():
+            yield
+    finally:
+        if triton is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = triton
 
 
 def _vec_isa_marker(root: Path) -> Path:

@@ -216,6 +216,19 @@ def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_each_cache_keeps_its_own_kernel_builds(tiny_llama, tmp_path):
+    """Two compile caches in one process: the second one's artifacts get their kernel builds
+    beside them too, not in the first one's (Inductor takes its build directory from the
+    environment, which the first cache set)."""
+    def builds(root):
+        return sorted(p.name for p in (root / "inductor").rglob("*.main.so"))  # kernels
+
+    for name in ("a", "b"):
+        compiled_llm(tiny_llama[0], str(tmp_path / name), compilation={"sizes": [4]},
+                     max_num_seqs=4, max_num_batched_tokens=4)
+    assert builds(tmp_path / "b") and builds(tmp_path / "b") == builds(tmp_path / "a")
+
+
 def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
     """Inductor's C++/Triton builds go under the compile cache, not the temp directory, so a
     filled cache starts warm after /tmp is wiped. Checked in a fresh process: the setting must
