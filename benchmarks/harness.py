@@ -82,6 +82,19 @@ ENGINES = {spec.name: spec for spec in [
                module="llama_cpp"),
 ]}
 
+def unusable_precision(spec: EngineSpec, matmul_flops: dict) -> str | None:
+    """Why kiln at this precision is not worth running here: torch's CPU matmul in bfloat16
+    can be a hundred times slower than in float32 (1 against 115 GFLOP/s on a machine
+    without native bfloat16 BLAS), and a run would take hours."""
+    if spec.family != "kiln" or spec.precision != "bfloat16":
+        return None
+    bf16, fp32 = matmul_flops["bfloat16"], matmul_flops["float32"]
+    if bf16 >= fp32 / 10:
+        return None
+    return (f"torch's bfloat16 matmul measured {bf16 / 1e9:.1f} GFLOP/s here against "
+            f"{fp32 / 1e9:.0f} in float32")
+
+
 def machine_info() -> dict:
     import torch
 
@@ -219,6 +232,8 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
         why = spec.missing()
         if why is None and spec.family == "llama.cpp" and gguf is None:
             why = "llama.cpp needs a GGUF file; only the embedded default model has one"
+        if why is None:
+            why = unusable_precision(spec, report["roofline"]["matmul_flops"])
         if why is not None:
             report["skipped"][name] = why
             log(f"[{i}/{len(engine_names)}] {name}: skipped ({why})")

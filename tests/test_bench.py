@@ -159,3 +159,14 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
 
 def test_engine_names_are_known():
     assert {"kiln", "kiln-eager", "transformers", "vllm", "llama.cpp-q4_1"} <= set(ENGINES)
+
+
+def test_kiln_bfloat16_is_skipped_where_torch_bfloat16_matmul_crawls():
+    from kiln.benchmarks.harness import unusable_precision
+
+    slow = {"float32": 115e9, "bfloat16": 1.2e9}
+    fast = {"float32": 115e9, "bfloat16": 230e9}
+    assert "1.2 GFLOP/s" in unusable_precision(ENGINES["kiln-bf16"], slow)
+    assert unusable_precision(ENGINES["kiln-bf16"], fast) is None
+    assert unusable_precision(ENGINES["kiln"], slow) is None
+    assert unusable_precision(ENGINES["vllm-bf16"], slow) is None  # vLLM has its own kernels
