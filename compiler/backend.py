@@ -183,7 +183,9 @@ class DirectCall:
 
     def __init__(self, split: fx.GraphModule, sources: list[str]):
         self.split = split
-        self.read_inputs = eval(f"lambda L: ({', '.join(sources)},)")  # noqa: S307 (Dynamo's own expressions)
+        # Dynamo's own source expressions over the traced function's locals (`L`), such as
+        # L['layer']._modules['mlp']._parameters['weight'] or L['args'][0].
+        self.read_inputs = eval(f"lambda L: ({', '.join(sources)},)")
 
     def __call__(self, layer, args: tuple):
         return self.split(*self.read_inputs({"layer": layer, "args": args}))
