@@ -2,8 +2,13 @@
 kiln and the transformers reference), and the real embedded SmolLM2."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network
+# One kernel build directory for the run: tests compile into many small compile caches, and
+# building every kernel again for each of them would cost minutes. Tests of kiln's own
+# choice of build directory run in subprocesses without this setting.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-builds-"))
 
 import pytest
 import torch

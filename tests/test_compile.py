@@ -216,16 +216,33 @@ def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _without_build_dirs() -> dict:
+    return {k: v for k, v in os.environ.items()
+            if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+
+
 def test_each_cache_keeps_its_own_kernel_builds(tiny_llama, tmp_path):
     """Two compile caches in one process: the second one's artifacts get their kernel builds
     beside them too, not in the first one's (Inductor takes its build directory from the
-    environment, which the first cache set)."""
+    environment, which the first cache set). In a fresh process, as a user's would be."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from kiln import LLM\n"
+        "for cache in sys.argv[2:]:\n"
+        "    LLM(sys.argv[1], skip_tokenizer_init=True, kv_cache_memory=16 << 20,"
+        " max_num_seqs=4, max_num_batched_tokens=4,"
+        " compilation_config={'sizes': [4], 'cache_dir': cache})\n")
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_llama[0]),
+                             str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
+                            text=True, env=_without_build_dirs(), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
     def builds(root):
         return sorted(p.name for p in (root / "inductor").rglob("*.main.so"))  # kernels
 
-    for name in ("a", "b"):
-        compiled_llm(tiny_llama[0], str(tmp_path / name), compilation={"sizes": [4]},
-                     max_num_seqs=4, max_num_batched_tokens=4)
     assert builds(tmp_path / "b") and builds(tmp_path / "b") == builds(tmp_path / "a")
 
 
@@ -242,11 +259,9 @@ def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
         "LLM(sys.argv[1], skip_tokenizer_init=True, kv_cache_memory=16 << 20, max_num_seqs=2,"
         " max_num_batched_tokens=2, compilation_config={'sizes': [2], 'cache_dir': sys.argv[2]})\n"
         "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR",
-                                                            "TRITON_CACHE_DIR")}
     result = subprocess.run([sys.executable, "-c", script, str(tiny_llama[0]),
                              str(tmp_path / "cache")], capture_output=True, text=True,
-                            env=env, timeout=300)
+                            env=_without_build_dirs(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "cache" / "inductor")
     assert any((tmp_path / "cache" / "inductor").rglob("*"))
