@@ -60,6 +60,7 @@ class UncompiledSizeError(RuntimeError):
 @dataclass
 class CompileCounters:
     num_traces: int = 0  # Dynamo graphs handed to the backend
+    num_traces_restored: int = 0  # graphs rebuilt from a record instead (compiler/record.py)
     num_compiles: int = 0  # Inductor compilations (cache misses)
     num_cache_loads: int = 0  # artifacts loaded from the persistent cache
     num_shared: int = 0  # pieces served by an artifact another piece already produced
@@ -101,49 +102,65 @@ def _signature(args) -> str:
     return ";".join(parts)
 
 
-class Piece(torch.nn.Module):
-    """One compiled piece of the split graph: one artifact per token count."""
+@dataclass
+class PieceInfo:
+    """What kiln knows of a piece besides its graph (saved in records, compiler/record.py)."""
 
-    def __init__(self, gm: fx.GraphModule, token_arg: int | None, static_size: int,
-                 backend: "KilnBackend"):
+    structure: str  # hash of the piece's operations, the same for every layer
+    token_arg: int | None  # None: the graph was traced for `static_size` only
+    static_size: int | None
+    token_sized: list[bool]  # which inputs have the token count as their size
+    returns_one: bool  # a single output (loaded artifacts return a sequence even then)
+    only_sizes: list[int] | None = None  # None: every size of the backend
+    keys: dict[int, str] = field(default_factory=dict)  # size -> artifact key
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, static_size: int | None) -> "PieceInfo":
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        return cls(structure=hashlib.sha256(_structure(gm).encode()).hexdigest(),
+                   token_arg=_token_arg(gm), static_size=static_size,
+                   token_sized=[_is_token_sized(n) for n in placeholders],
+                   returns_one=not isinstance(output.args[0], (tuple, list)))
+
+
+class Piece(torch.nn.Module):
+    """One compiled piece of the split graph: one artifact per token count. `gm` is None
+    for a piece restored from a record, whose artifacts are all in the cache."""
+
+    def __init__(self, gm: fx.GraphModule | None, info: PieceInfo, backend: "KilnBackend"):
         super().__init__()
         self.gm = gm
-        self.token_arg = token_arg  # None: the graph was traced for `static_size` only
-        self.static_size = static_size
+        self.info = info
         self.backend = backend
-        self.structure = hashlib.sha256(_structure(gm).encode()).hexdigest()
         self.compiled: dict[int, object] = {}
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.token_sized = [_is_token_sized(n) for n in placeholders]
         self.example_args: list | None = None  # from the first call, to derive other sizes
-        self.only_sizes: set[int] | None = None  # None: every size of the backend
-        # Artifacts loaded from disk return a sequence even for a single-output graph.
-        output = next(n for n in gm.graph.nodes if n.op == "output")
-        self.returns_one = not isinstance(output.args[0], (tuple, list))
 
     def forward(self, *args):
-        size = self.static_size if self.token_arg is None else args[self.token_arg].shape[0]
+        info = self.info
+        size = info.static_size if info.token_arg is None else args[info.token_arg].shape[0]
         if self.example_args is None:
             self.example_args = list(args)
         fn = self.compiled.get(size)
         if fn is None:
             fn = self.compiled[size] = self.backend.artifact_for(self, size, list(args))
         out = fn(*args)
-        if self.returns_one and isinstance(out, (tuple, list)):
+        if info.returns_one and isinstance(out, (tuple, list)):
             return out[0]
         return out
-
 
     def prepare(self, size: int) -> None:
         """Make sure an artifact for `size` exists, compiling it if the cache has none,
         without running the piece: inputs sized by the token count are replaced by empty
         tensors of that size, with the strides the real inputs have (they do not depend on
         the token count). A cached artifact is loaded on first use (0.2 s each here)."""
-        if self.token_arg is None or size in self.compiled or self.example_args is None or (
-                self.only_sizes is not None and size not in self.only_sizes):
+        info = self.info
+        if info.token_arg is None or size in self.compiled or size in info.keys or \
+                self.example_args is None or (info.only_sizes is not None and
+                                              size not in info.only_sizes):
             return
         args = []
-        for arg, token_sized in zip(self.example_args, self.token_sized):
+        for arg, token_sized in zip(self.example_args, info.token_sized):
             if token_sized and isinstance(arg, torch.Tensor):
                 arg = torch.empty_strided((size, *arg.shape[1:]), arg.stride(), dtype=arg.dtype,
                                           device=arg.device)
@@ -181,8 +198,9 @@ class DirectCall:
     only after a call through Dynamo chose this trace for that very layer and the recorded
     expressions reproduced that call's inputs (see `GraphRunner`)."""
 
-    def __init__(self, split: fx.GraphModule, sources: list[str]):
+    def __init__(self, split: torch.nn.Module, sources: list[str]):
         self.split = split
+        self.sources = sources
         # Dynamo's own source expressions over the traced function's locals (`L`), such as
         # L['layer']._modules['mlp']._parameters['weight'] or L['args'][0].
         self.read_inputs = eval(f"lambda L: ({', '.join(sources)},)")
@@ -232,7 +250,7 @@ class KilnBackend:
             if calls:
                 sub.recompile()
             else:
-                piece = Piece(sub, _token_arg(sub), static_size, self)
+                piece = Piece(sub, PieceInfo.of(sub, static_size), self)
                 self.pieces.append(piece)
                 setattr(split, name, piece)
         sources = graph_input_sources(gm)
@@ -262,14 +280,18 @@ class KilnBackend:
         return gm
 
     def _key(self, piece: Piece, size: int, args: list) -> str:
+        """The artifact's cache key, remembered by the piece (records keep it)."""
         if size not in self.sizes:
             raise UncompiledSizeError(
                 f"called with {size} tokens; compiled sizes are {sorted(self.sizes)}")
-        passes = [name for name, (applies, _) in PASSES.items()
-                  if name in self.config.passes and applies(size)]
-        return hashlib.sha256(f"{self.cache_salt}|{self.config.inductor_config()}|"
-                              f"{passes}|{_PASSES_SOURCE}|"
-                              f"{piece.structure}|{_signature(args)}".encode()).hexdigest()[:32]
+        key = piece.info.keys.get(size)
+        if key is None:
+            passes = [name for name, (applies, _) in PASSES.items()
+                      if name in self.config.passes and applies(size)]
+            key = piece.info.keys[size] = hashlib.sha256(
+                f"{self.cache_salt}|{self.config.inductor_config()}|{passes}|{_PASSES_SOURCE}|"
+                f"{piece.info.structure}|{_signature(args)}".encode()).hexdigest()[:32]
+        return key
 
     def ensure(self, piece: Piece, size: int, args: list):
         """The artifact if it had to be compiled or is in memory; None if a verified copy
@@ -290,6 +312,9 @@ class KilnBackend:
             artifact = self.cache.load(key) if self.cache is not None else None
             if artifact is not None:
                 self.counters.num_cache_loads += 1
+            elif piece.gm is None:
+                raise RuntimeError(f"compile cache entry {key} in {self.cache.root} went "
+                                   f"missing while kiln ran; start again to rebuild it")
             else:
                 artifact = compile_piece(self._rewritten(piece.gm, size), args,
                                          self.config.inductor_config())

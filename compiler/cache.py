@@ -13,6 +13,7 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,14 @@ class CompileCache:
         return False
 
     def load(self, key: str):
+        return self._read(key, load_artifact)
+
+    def load_record(self, key: str) -> dict | None:
+        """A JSON record saved by `save_record` (compiler/record.py), verified like an
+        artifact."""
+        return self._read(key, lambda path: json.loads(path.read_text()))
+
+    def _read(self, key: str, load: Callable[[Path], object]):
         artifact_path, meta_path = self._paths(key)
         if not meta_path.is_file():
             return None
@@ -79,19 +88,25 @@ class CompileCache:
             meta = json.loads(meta_path.read_text())
             if _digest(artifact_path) != meta["sha256"]:
                 raise ValueError("checksum mismatch")
-            return load_artifact(artifact_path)
+            return load(artifact_path)
         except Exception as e:  # any failure means the entry cannot be trusted: rebuild it
             logger.warning("compile cache entry %s is unusable (%s); recompiling", key, e)
             self.remove(key)
             return None
 
     def save(self, key: str, artifact) -> None:
+        self._write(key, lambda path: save_artifact(artifact, path))
+
+    def save_record(self, key: str, record: dict) -> None:
+        self._write(key, lambda path: path.write_text(json.dumps(record)))
+
+    def _write(self, key: str, write: Callable[[Path], None]) -> None:
         artifact_path, meta_path = self._paths(key)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".bin")
         os.close(fd)
         tmp = Path(tmp)
         try:
-            save_artifact(artifact, tmp)
+            write(tmp)
             meta = {"sha256": _digest(tmp), "created": time.time()}
             os.replace(tmp, artifact_path)
             fd, tmp_meta = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")

@@ -81,6 +81,16 @@ def keep_builds_in(root: Path) -> None:
         os.environ.setdefault(name, path)
 
 
+def environment_without_kiln_builds() -> dict[str, str]:
+    """This process's environment as it was before `keep_builds_in`: what a fresh process
+    started by the user would see."""
+    env = dict(os.environ)
+    for name, value in _USER_BUILD_DIRS.items():
+        if value is None:
+            env.pop(name, None)
+    return env
+
+
 @contextlib.contextmanager
 def builds_in(root: Path):
     """Compile and load inside with the builds kept beside this cache's artifacts. Without

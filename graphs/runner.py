@@ -4,6 +4,7 @@ size, or by replaying that size's CUDA graph. One rule picks the path: eager whe
 the compiled pieces at the padded size."""
 
 import collections
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from ..compiler.inductor import (
     keep_builds_in,
     remember_vec_isa,
 )
+from ..compiler.record import TRACED_SOURCE, describe, restore
 from ..models import AttentionMetadata, attention_context
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
@@ -53,6 +55,9 @@ class GraphRunner:
             configure_inductor(cache.root)
         configure_dynamo(64)
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
+        self.record_key = hashlib.sha256(
+            f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
+            f"{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
         # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo
         # always specialises 1); the pieces are still compiled for static sizes.
         self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
@@ -123,20 +128,32 @@ class GraphRunner:
         return self.model.compute_logits(hidden, call_layer=self.compiled_layer)
 
     def _trace_logits(self) -> None:
-        """Trace and compile the logits projection for one row only."""
+        """Trace (unless restored) and compile the logits projection for one row only."""
         num_pieces = len(self.backend.pieces)
         dtype = next(self.model.parameters()).dtype
         with torch.inference_mode():
             self.logits(torch.zeros(1, self.model.config.hidden_size, dtype=dtype,
                                     device=self.device))
         for piece in self.backend.pieces[num_pieces:]:
-            piece.only_sizes = {1}
+            piece.info.only_sizes = [1]
+
+    def _restore(self) -> bool:
+        """Take the traced graphs from the cache's record of them, if it has one and every
+        artifact it names."""
+        record = self.cache.load_record(self.record_key) if self.cache is not None else None
+        direct = restore(record, self.model, self.backend) if record is not None else None
+        if direct is None:
+            return False
+        self.direct.update(direct)
+        return True
 
     def warmup(self, dummy_metadata: Callable[[int], AttentionMetadata]) -> None:
-        """Trace with one forward pass of the smallest size, make every other size ready
-        without running it, then capture the decode sizes on CUDA."""
+        """Trace with one forward pass of the smallest size (or rebuild the traces from the
+        cache's record and run that pass), make every other size ready without running it,
+        record the traces, then capture the decode sizes on CUDA."""
         if self.backend is None:
             return
+        restored = self._restore()
         traced = self.sizes[:1]
         bar = tqdm(self.sizes, desc="Compiling sizes", unit="size", dynamic_ncols=True)
         for size in bar:
@@ -151,6 +168,11 @@ class GraphRunner:
                 self.backend.prepare(size)
             bar.set_postfix_str(f"{size} tokens: {time.perf_counter() - start:.1f} s")
         self.steps.clear()  # count serving steps only
+        if restored:  # every artifact was verified; those not yet loaded wait for first use
+            keys = {key for piece in self.backend.pieces for key in piece.info.keys.values()}
+            self.backend.counters.num_deferred += len(keys - self.backend.artifacts.keys())
+        elif self.cache is not None and (record := describe(self.direct, self.model)):
+            self.cache.save_record(self.record_key, record)
         if self.device.type == "cpu" and self.cache is not None:
             remember_vec_isa(self.cache.root)
         if self.cuda_graphs is not None:

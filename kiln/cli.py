@@ -36,6 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="comma-separated token counts to compile (default: planned); "
                              "without --max-num-batched-tokens, steps are limited to the "
                              "largest")
+    warmup.add_argument("--no-start-check", action="store_true",
+                        help="skip timing a fresh process's start with the filled cache")
     warmup.add_argument("-v", "--verbose", action="store_true")
     cache = commands.add_parser("cache", help="inspect the compile cache")
     cache.add_argument("action", choices=["list", "verify", "clear"])
@@ -94,9 +96,10 @@ def _warmup(args, llm_class) -> int:
     if budget is None and sizes:  # steps of up to the largest bucket
         budget = max(sizes)
     start = time.perf_counter()
-    llm = llm_class(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
-                    compilation_config={"sizes": sizes})
+    options = {"model": args.model, "dtype": args.dtype, "max_model_len": args.max_model_len,
+               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": budget,
+               "compilation_config": {"sizes": sizes}}
+    llm = llm_class(**options)
     runner = llm.engine.runner if llm.engine is not None else llm.pooler.runner
     backend = runner.graph_runner.backend
     counters = backend.counters
@@ -107,7 +110,52 @@ def _warmup(args, llm_class) -> int:
           f"{counters.num_cache_loads + counters.num_deferred} found in the cache, "
           f"{counters.num_shared} reused between traces")
     print(f"cache: {backend.cache.root} ({backend.cache.size_bytes() / 2**20:.1f} MiB)")
+    if args.no_start_check:
+        return 0
+    seconds, compiles = _time_fresh_start(options)
+    result = "embedding" if llm.engine is None else "token"
+    print(f"a fresh process with this cache: first {result} {seconds:.1f} s after it started, "
+          f"{compiles} pieces compiled")
+    if compiles:
+        print("kiln: warning: the fresh process compiled again; the cache does not serve it",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+# A fresh interpreter that builds the engine as `kiln warmup` did, produces one token (or one
+# embedding), then reports what it compiled; it skips teardown (see `entry_point`).
+_FRESH_START = """
+import json, os, sys
+from kiln import LLM, SamplingParams
+llm = LLM(**json.loads(sys.argv[1]))
+if llm.engine is None:
+    llm.embed(["Hello"])
+    runner = llm.pooler.runner
+else:
+    llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
+    runner = llm.engine.runner
+print(runner.graph_runner.backend.counters.num_compiles, flush=True)
+os._exit(0)
+"""
+
+
+def _time_fresh_start(options: dict) -> tuple[float, int]:
+    """Seconds from starting a new Python process to its first result with the cache just
+    filled (the warm start a user gets), and how many pieces that process compiled."""
+    import json
+    import subprocess
+
+    from .compiler.inductor import environment_without_kiln_builds
+
+    start = time.perf_counter()
+    child = subprocess.run([sys.executable, "-c", _FRESH_START, json.dumps(options)],
+                           capture_output=True, text=True,
+                           env=environment_without_kiln_builds())
+    seconds = time.perf_counter() - start
+    if child.returncode != 0:
+        raise RuntimeError(f"the fresh process failed:\n{child.stderr[-2000:]}")
+    return seconds, int(child.stdout.split()[-1])
 
 
 def _cache(action: str) -> int:

@@ -120,6 +120,8 @@ def test_warm_cache_loads_instead_of_compiling(tiny_llama, tmp_path, reference):
     warm = compiled_llm(tiny_llama[0], cache)
     c = counters(warm)
     assert c.num_compiles == 0
+    # No Dynamo trace either: the layer and logits graphs were rebuilt from the cache's record.
+    assert c.num_traces == 0 and c.num_traces_restored == 2
     # The traced sizes are loaded at warm-up; the others are verified and loaded on first use.
     assert c.num_cache_loads + c.num_deferred == counters(cold).num_compiles
     assert c.num_deferred > 0
@@ -132,14 +134,30 @@ def test_warm_cache_loads_instead_of_compiling(tiny_llama, tmp_path, reference):
 def test_corrupt_cache_entry_is_rebuilt_not_loaded(tiny_llama, tmp_path, reference):
     prompts, expected = reference
     cache = tmp_path / "cache"
-    compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
-    victim = sorted(cache.glob("*.bin"))[0]
+    first = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    record = first.engine.runner.graph_runner.record_key
+    victim = sorted(p for p in cache.glob("*.bin") if p.stem != record)[0]
     victim.write_bytes(victim.read_bytes()[:100])
     llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
-    assert counters(llm).num_compiles == 1
+    # The record names an artifact that is gone, so kiln traces again and rebuilds it.
+    assert counters(llm).num_compiles == 1 and counters(llm).num_traces == 2
     outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:2]
     assert all(e.is_valid for e in CompileCache(cache).entries(verify=True))
+
+
+def test_corrupt_record_is_traced_again(tiny_llama, tmp_path, reference):
+    prompts, expected = reference
+    cache = tmp_path / "cache"
+    first = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    record = cache / f"{first.engine.runner.graph_runner.record_key}.bin"
+    record.write_bytes(record.read_bytes()[:-10])
+    llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    assert counters(llm).num_traces == 2 and counters(llm).num_compiles == 0
+    outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+    again = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    assert counters(again).num_traces == 0 and counters(again).num_traces_restored == 2
 
 
 def test_cache_refuses_a_directory_others_can_write(tmp_path):

@@ -72,7 +72,7 @@ def test_minilm_compiled_once_and_equal_to_eager(minilm):
     ours = torch.stack([o.outputs.data for o in minilm.embed(texts)])
     reference = torch.stack([o.outputs.data for o in eager.embed(texts)])
     assert torch.allclose(ours, reference, atol=1e-5)
-    assert counters.num_traces == 1
+    assert counters.num_traces + counters.num_traces_restored == 1
     assert counters.num_compiles == before  # serving compiles nothing
     assert minilm.pooler.runner.graph_runner.steps  # the compiled path ran
 
