@@ -180,58 +180,55 @@ def test_bad_compilation_config(tiny_llama):
         LLM(str(tiny_llama[0]), skip_tokenizer_init=True, compilation_config={"mode": "fast"})
 
 
-def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
-    """On a one-token layer graph the pass leaves no BLAS call, only reductions, and the
-    rewritten graph computes the same layer."""
-    from kiln.compiler.passes import count_linears, single_token_linear_as_reduction
+def _run_pass_on_layer(folder, rewrite_pass, num_tokens: int, inspect) -> list:
+    """Trace a tiny Llama layer for `num_tokens` tokens, apply `rewrite_pass` to the graph,
+    and check that the rewritten graph computes the same layer. Returns, per trace, the
+    linears before, those the pass rewrote, the linears after, and `inspect(graph)`."""
+    from kiln.compiler.passes import count_linears
 
-    llm = tiny_llm(tiny_llama[0])
+    llm = tiny_llm(folder)
     layer = llm.engine.runner.model.model.layers[0]
-    counts = []
+    seen = []
 
-    def rewrite(gm, example_inputs):
+    def backend(gm, example_inputs):
         before = count_linears(gm)
-        rewritten = single_token_linear_as_reduction(gm)
-        sums = sum(1 for n in gm.graph.nodes if n.op == "call_method" and n.target == "sum")
-        counts.append((before, rewritten, count_linears(gm), sums))
+        rewritten = rewrite_pass(gm)
+        seen.append((before, rewritten, count_linears(gm), inspect(gm.graph)))
         return gm.forward
 
-    positions, hidden, residual = torch.tensor([3]), torch.randn(1, 64), torch.randn(1, 64)
-    with torch.no_grad(), attention_context(llm.engine.runner.dummy_metadata(1)):
+    positions = torch.arange(num_tokens) + 3
+    hidden, residual = torch.randn(num_tokens, 64), torch.randn(num_tokens, 64)
+    with torch.no_grad(), attention_context(llm.engine.runner.dummy_metadata(num_tokens)):
         expected = layer(positions, hidden, residual)
-        got = torch.compile(lambda *a: layer(*a), backend=rewrite, fullgraph=True)(
+        got = torch.compile(lambda *a: layer(*a), backend=backend, fullgraph=True)(
             positions, hidden, residual)
-    assert counts == [(4, 4, 0, 4)]  # qkv, o, gate_up and down projections
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return seen
+
+
+def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
+    """On a one-token layer graph the pass leaves no BLAS call, only reductions."""
+    from kiln.compiler.passes import single_token_linear_as_reduction
+
+    def sums(graph):
+        return sum(1 for n in graph.nodes if n.op == "call_method" and n.target == "sum")
+
+    seen = _run_pass_on_layer(tiny_llama[0], single_token_linear_as_reduction, 1, sums)
+    assert seen == [(4, 4, 0, 4)]  # qkv, o, gate_up and down projections
 
 
 def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
-    """On an 8-token layer graph every linear becomes W @ x^T (transposed back), and the
-    rewritten graph computes the same layer."""
-    from kiln.compiler.passes import count_linears, linear_as_weight_times_input
+    """On an 8-token layer graph every linear becomes W @ x^T (transposed back)."""
+    from kiln.compiler.passes import linear_as_weight_times_input
 
-    llm = tiny_llm(tiny_llama[0])
-    layer = llm.engine.runner.model.model.layers[0]
-    counts = []
+    def weight_first_products(graph):
+        products = [n for n in graph.nodes if n.target is torch.matmul]
+        return len(products), all(n.args[0].op == "placeholder" for n in products)
 
-    def rewrite(gm, example_inputs):
-        before = count_linears(gm)
-        rewritten = linear_as_weight_times_input(gm)
-        products = [n for n in gm.graph.nodes if n.target is torch.matmul]
-        weights_first = all(n.args[0].op == "placeholder" for n in products)
-        counts.append((before, rewritten, count_linears(gm), len(products), weights_first))
-        return gm.forward
-
-    positions = torch.arange(8)
-    hidden, residual = torch.randn(8, 64), torch.randn(8, 64)
-    with torch.no_grad(), attention_context(llm.engine.runner.dummy_metadata(8)):
-        expected = layer(positions, hidden, residual)
-        got = torch.compile(lambda *a: layer(*a), backend=rewrite, fullgraph=True)(
-            positions, hidden, residual)
-    assert counts == [(4, 4, 0, 4, True)]
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    seen = _run_pass_on_layer(tiny_llama[0], linear_as_weight_times_input, 8,
+                              weight_first_products)
+    assert seen == [(4, 4, 0, (4, True))]
 
 
 def _without_build_dirs() -> dict:
