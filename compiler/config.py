@@ -26,6 +26,13 @@ class CompilationConfig:
             self.sizes = sorted(set(self.sizes))
         if not isinstance(self.inductor_options, dict):
             raise TypeError("inductor_options must be a dict of Inductor config names")
+        if self.inductor_options:
+            from .inductor import unknown_inductor_options
+
+            unknown = unknown_inductor_options(self.inductor_options)
+            if unknown:
+                raise ValueError(f"unknown inductor_options {unknown}: not settings of "
+                                 f"torch._inductor.config")
         unknown = [p for p in self.passes if p not in KNOWN_PASSES]
         if unknown:
             raise ValueError(f"unknown compiler passes {unknown}; known: "

@@ -13,9 +13,19 @@ import torch
 
 
 def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
-    """Compile one graph piece with Inductor for the exact shapes of `example_inputs`."""
+    """Compile one graph piece with Inductor for the exact shapes of `example_inputs`, with
+    Inductor config `options` (standalone_compile's `options` are compile_fx's arguments)."""
     return torch._inductor.standalone_compile(
-        gm, example_inputs, dynamic_shapes="from_example_inputs", options=dict(options))
+        gm, example_inputs, dynamic_shapes="from_example_inputs",
+        options={"config_patches": dict(options)})
+
+
+def unknown_inductor_options(options: dict) -> list[str]:
+    """The names in `options` that are not Inductor config settings."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    return [name for name in options if name not in known]
 
 
 def save_artifact(artifact, path: Path) -> None:

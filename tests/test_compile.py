@@ -207,6 +207,17 @@ def _run_pass_on_layer(folder, rewrite_pass, num_tokens: int, inspect) -> list:
     return seen
 
 
+def test_inductor_options_reach_inductor(tiny_llama, tmp_path, reference):
+    prompts, expected = reference
+    with pytest.raises(ValueError, match="unknown inductor_options.*no_such_setting"):
+        compiled_llm(tiny_llama[0], str(tmp_path / "a"),
+                     compilation={"inductor_options": {"no_such_setting": 1}})
+    llm = compiled_llm(tiny_llama[0], str(tmp_path / "b"),
+                       compilation={"sizes": [1, 32], "inductor_options": {"size_asserts": False}})
+    outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+
+
 def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
     """On a one-token layer graph the pass leaves no BLAS call, only reductions."""
     from kiln.compiler.passes import single_token_linear_as_reduction
