@@ -1,14 +1,18 @@
 """Shared fixtures: tiny random models saved as Hugging Face folders (the same folder feeds
 kiln and the transformers reference), and the real embedded SmolLM2."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the network
 # One kernel build directory for the run: tests compile into many small compile caches, and
 # building every kernel again for each of them would cost minutes. Tests of kiln's own
 # choice of build directory run in subprocesses without this setting.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-builds-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-builds-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch
