@@ -97,8 +97,9 @@ def test_tiny_cross_encoder_matches_transformers_logits(tmp_path, enforce_eager)
         batch = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True,
                     return_tensors="pt")
         logits = hf(**batch).logits[:, 0]
+    compilation = {"sizes": [64], "cache_dir": str(tmp_path / "cache")}
     llm = LLM(str(tmp_path), enforce_eager=enforce_eager, max_model_len=64,
-              max_num_batched_tokens=64, compilation_config={"sizes": [64]})
+              max_num_batched_tokens=64, compilation_config=compilation)
     first, second = [a for a, _ in pairs], [b for _, b in pairs]
     probs = [o.outputs.score for o in llm.score(first, second)]
     assert probs == pytest.approx(logits.sigmoid().tolist(), abs=1e-4)
@@ -106,6 +107,12 @@ def test_tiny_cross_encoder_matches_transformers_logits(tmp_path, enforce_eager)
     assert raw == pytest.approx(logits.tolist(), abs=1e-4)
     with pytest.raises(ValueError, match="cross-encoder"):
         llm.embed("no embeddings here")
+    if not enforce_eager:  # a second engine rebuilds the encoder graph from the cache's record
+        again = LLM(str(tmp_path), max_model_len=64, max_num_batched_tokens=64,
+                    compilation_config=compilation)
+        counters = again.pooler.runner.graph_runner.backend.counters
+        assert (counters.num_traces, counters.num_traces_restored) == (0, 1)
+        assert [o.outputs.score for o in again.score(first, second)] == probs
 
 
 def test_pooling_on_a_generation_model_is_refused(tiny_llama):
