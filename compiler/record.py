@@ -86,16 +86,16 @@ def describe(direct: dict[torch.nn.Module, DirectCall], model: torch.nn.Module) 
     return {"calls": calls, "modules": modules}
 
 
-def _rebuild(state: dict, backend: KilnBackend) -> "RestoredGraph":
+def _rebuild(state: dict, backend: KilnBackend, pieces: list[Piece]) -> "RestoredGraph":
     children = {}
     for name, child in state["children"].items():
         if "piece" in child:
             info = PieceInfo(**child["piece"])
             info.keys = {int(size): key for size, key in info.keys.items()}
             piece = children[name] = Piece(None, info, backend)
-            backend.pieces.append(piece)
+            pieces.append(piece)
         else:
-            children[name] = _rebuild(child, backend)
+            children[name] = _rebuild(child, backend, pieces)
     return RestoredGraph(state["code"], children)
 
 
@@ -105,21 +105,17 @@ def restore(record: dict, model: torch.nn.Module,
     backend; None, with the backend unchanged, unless every artifact they need is in the
     cache."""
     modules = dict(model.named_modules())
-    keys = {key for call in record["calls"] for key in _keys(call["graph"])}
-    if not set(record["modules"]) <= modules.keys() or \
-            not all(backend.cache.contains(key) for key in keys):
+    if not set(record["modules"]) <= modules.keys():
         return None
-    calls = [DirectCall(_rebuild(call["graph"], backend), call["sources"])
+    pieces: list[Piece] = []
+    calls = [DirectCall(_rebuild(call["graph"], backend, pieces), call["sources"])
              for call in record["calls"]]
+    keys = {key for piece in pieces for key in piece.info.keys.values()}
+    if not all(backend.cache.contains(key) for key in keys):
+        return None
+    backend.pieces += pieces
     backend.counters.num_traces_restored += len(calls)
     return {modules[name]: calls[i] for name, i in record["modules"].items()}
-
-
-def _keys(state: dict) -> list[str]:
-    out = []
-    for child in state["children"].values():
-        out += list(child["piece"]["keys"].values()) if "piece" in child else _keys(child)
-    return out
 
 
 class RestoredGraph(torch.nn.Module):
