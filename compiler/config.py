@@ -1,7 +1,7 @@
 """CompilationConfig: how kiln compiles a model, checked once when built."""
 
 import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 KNOWN_PASSES = ("single_token_linear_as_reduction", "linear_as_weight_times_input")
@@ -14,7 +14,8 @@ class CompilationConfig:
     cudagraphs: bool = True  # capture decode sizes as CUDA graphs (CUDA only)
     inductor_options: dict = field(default_factory=dict)
     cache_dir: str | None = None  # None: $KILN_CACHE_DIR/compile or ~/.cache/kiln/compile
-    passes: list[str] = field(default_factory=lambda: list(KNOWN_PASSES))  # kiln's FX passes
+    # kiln's FX passes; None: the device's defaults (see `for_device`)
+    passes: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -33,7 +34,7 @@ class CompilationConfig:
             if unknown:
                 raise ValueError(f"unknown inductor_options {unknown}: not settings of "
                                  f"torch._inductor.config")
-        unknown = [p for p in self.passes if p not in KNOWN_PASSES]
+        unknown = [p for p in self.passes or () if p not in KNOWN_PASSES]
         if unknown:
             raise ValueError(f"unknown compiler passes {unknown}; known: "
                              f"{', '.join(KNOWN_PASSES)}")
@@ -55,6 +56,13 @@ class CompilationConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"unknown compilation_config key {key!r}{hint}")
         return cls(**value)
+
+    def for_device(self, device_type: str) -> "CompilationConfig":
+        """This config with its passes settled for the device: both passes on CPU, where they
+        were measured to pay; none on CUDA, whose BLAS runs one or a few rows well as it is."""
+        if self.passes is not None:
+            return self
+        return replace(self, passes=list(KNOWN_PASSES) if device_type == "cpu" else [])
 
     def inductor_config(self) -> dict:
         options = {"max_autotune": True} if self.mode.startswith("max-autotune") else {}

@@ -108,7 +108,7 @@ class LLM:
         from .models.config import read_config
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        compilation = CompilationConfig.from_user(compilation_config)
+        compilation = CompilationConfig.from_user(compilation_config).for_device(device.type)
         compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         folder = resolve_model(model, revision)
         arch_config = read_config(folder)
