@@ -86,10 +86,13 @@ class CudaGraphs:
             ids, pos = self.buffers.input_ids[:size], self.buffers.positions[:size]
             with attention_context(meta):
                 self.forward_fn(ids, pos)  # warm-up: lazy initialisation stays out of the graph
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self.outputs[size] = self.forward_fn(ids, pos)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            # A context of its own: what a pass computes once for all layers (the attention
+            # masks) must be computed inside the graph, from the buffers each replay fills,
+            # not taken from the warm-up as a constant of the padding it ran on.
+            with attention_context(meta), torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[size] = self.forward_fn(ids, pos)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[size] = graph

@@ -31,18 +31,22 @@ def test_kv_cache_sized_from_gpu_memory(tiny_llama):
     assert 0 < runner.num_blocks * runner.bytes_per_block <= 0.2 * total
 
 
-def test_cuda_graphs_replay_decode_steps_with_transformers_tokens(tiny_llama, tmp_path):
+@pytest.mark.parametrize("cudagraphs", [True, False])
+def test_compiled_decode_on_cuda_matches_transformers(tiny_llama, tmp_path, cudagraphs):
     folder, hf = tiny_llama
     llm = LLM(str(folder), skip_tokenizer_init=True, dtype="float32",
               gpu_memory_utilization=0.3, max_num_seqs=8, max_num_batched_tokens=64,
               max_model_len=128,
-              compilation_config={"sizes": [1, 2, 4, 8, 64], "cache_dir": str(tmp_path)})
+              compilation_config={"sizes": [1, 2, 4, 8, 64], "cache_dir": str(tmp_path),
+                                  "cudagraphs": cudagraphs})
     graphs = llm.engine.runner.graph_runner.cuda_graphs
-    assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.graphs) == [1, 2, 4, 8] if cudagraphs else graphs is None
     prompts = random_prompts(6, seed=22)
     outs = llm.generate(token_prompts(prompts), SamplingParams(temperature=0, max_tokens=8,
                                                                ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 8)
-    assert graphs.num_replays > 0
+    # decode steps of 6 sequences ran as the graph, or as the compiled pieces, of size 8
+    assert (graphs.num_replays if cudagraphs else llm.engine.runner.graph_runner.steps[
+        "compiled", 8]) > 0
     assert_all_blocks_free(llm)
