@@ -50,6 +50,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         hf = config.model.arch_config
         start = time.perf_counter()
+        # What other engines in this process hold, so the KV cache is sized from this one's use
+        self.memory_before = (torch.cuda.memory_allocated(self.device)
+                              if self.device.type == "cuda" else 0)
         self.model = build_model(hf, config.model.dtype, self.device)
         if config.model.load_format == "dummy":
             init_dummy_weights(self.model, config.model.seed)
@@ -111,7 +114,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _free_cuda_memory_after_profile(self) -> int:
         """Run the largest prefill the scheduler can send, then give the KV cache what is left
-        of the `gpu_memory_utilization` share of the device."""
+        of the `gpu_memory_utilization` share of the device once this engine's weights and
+        activations are counted (memory other engines of the process hold is not part of this
+        one's share, but must leave room for it)."""
         num_tokens = min(self.config.scheduler.max_num_batched_tokens,
                          self.config.model.max_model_len)
         layers = self.model.attention_layers()
@@ -130,16 +135,25 @@ class ModelRunner:
             hidden = self.model(batch_inputs.input_ids, batch_inputs.positions)
         self.model.compute_logits(hidden[batch_inputs.logits_indices])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self.memory_before
         del scratch, hidden
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
-        free = int(total * self.config.cache.gpu_memory_utilization) - peak
-        if free <= 0:
+        share = int(total * self.config.cache.gpu_memory_utilization)
+        budget = share - peak
+        if budget <= 0:
             raise ValueError(f"no GPU memory left for the KV cache: the model peaks at "
-                             f"{peak / 2**30:.2f} GiB of the {total / 2**30:.2f} GiB allowed by "
+                             f"{peak / 2**30:.2f} GiB of the {share / 2**30:.2f} GiB allowed by "
                              f"gpu_memory_utilization={self.config.cache.gpu_memory_utilization}")
-        return free
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if budget > free:
+            raise ValueError(
+                f"the KV cache's share of gpu_memory_utilization="
+                f"{self.config.cache.gpu_memory_utilization} is {budget / 2**30:.2f} GiB but "
+                f"only {free / 2**30:.2f} GiB of the GPU is free (other engines or processes "
+                f"hold the rest): lower gpu_memory_utilization, set kv_cache_memory, or free "
+                f"the other engine (del llm; gc.collect())")
+        return budget
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
         reqs = batch.requests
