@@ -6,8 +6,10 @@ layer call with a symbolic token count, and every other layer of the same struct
 that trace, so tracing time does not grow with depth. The traced graph is split at the
 attention call (`kiln::paged_attention`, or `kiln::encoder_attention` in encoders); the
 attention runs as it is, every other piece is compiled by
-Inductor separately for each token count it is called with (a static shape per bucket).
-Pieces are keyed by their structure and input shapes, never by which layer they came from."""
+Inductor for the token counts it is called with: one static shape per size, or (`dynamic`)
+one artifact with a symbolic token count for each run of sizes above 1 that the same passes
+apply to. Pieces are keyed by their structure and input shapes, never by which layer they
+came from."""
 
 import contextlib
 import copy
@@ -92,13 +94,17 @@ def _structure(gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
-def _signature(args) -> str:
+def _signature(args, symbolic: list[bool] | None = None) -> str:
+    """Dtypes, shapes, strides and devices of the arguments; the token count of those marked
+    in `symbolic` is written as T."""
     parts = []
-    for a in args:
+    for i, a in enumerate(args):
+        token = symbolic is not None and symbolic[i]
         if isinstance(a, torch.Tensor):
-            parts.append(f"{a.dtype}{tuple(a.shape)}{a.stride()}{a.device.type}")
+            shape = ("T", *a.shape[1:]) if token else tuple(a.shape)
+            parts.append(f"{a.dtype}{shape}{a.stride()}{a.device.type}")
         else:
-            parts.append(repr(a))
+            parts.append("T" if token else repr(a))
     return ";".join(parts)
 
 
@@ -220,9 +226,11 @@ class KilnBackend:
         self.config = config
         self.cache = cache
         self.sizes = set(sizes)
+        self.ranges = self._ranges(sorted(self.sizes)) if config.dynamic else {}
         self.cache_salt = cache_salt  # model config, dtype, layout, versions
         self.counters = CompileCounters()
         self.artifacts: dict[str, object] = {}
+        self.deferred: set[str] = set()  # keys verified in the cache, not loaded yet
         self.pieces: list[Piece] = []
         self.last_call: tuple | None = None  # (DirectCall or None, inputs, outputs)
 
@@ -270,14 +278,32 @@ class KilnBackend:
 
     def _rewritten(self, gm: fx.GraphModule, size: int) -> fx.GraphModule:
         """The piece's graph after kiln's passes for this size (a copy if any applies)."""
-        passes = [fn for name, (applies, fn) in PASSES.items()
-                  if name in self.config.passes and applies(size)]
+        passes = self._passes(size)
         if not passes:
             return gm
         gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        for fn in passes:
-            fn(gm)
+        for name in passes:
+            PASSES[name][1](gm)
         return gm
+
+    def _passes(self, size: int) -> list[str]:
+        return [name for name, (applies, _) in PASSES.items()
+                if name in self.config.passes and applies(size)]
+
+    def _ranges(self, sizes: list[int]) -> dict[int, tuple[int, int]]:
+        """size -> the run of sizes above 1 with the same passes that it belongs to: one
+        dynamic artifact serves each run. Size 1 stays static: a one-token step is batch-1
+        decode, whose kernels lose a quarter of their speed with a symbolic size here."""
+        runs: list[list[int]] = []
+        for size in (s for s in sizes if s > 1):
+            if runs and self._passes(runs[-1][0]) == self._passes(size):
+                runs[-1].append(size)
+            else:
+                runs.append([size])
+        return {size: (run[0], run[-1]) for run in runs for size in run}
+
+    def _dynamic_range(self, piece: Piece, size: int) -> tuple[int, int] | None:
+        return self.ranges.get(size) if piece.info.token_arg is not None else None
 
     def _key(self, piece: Piece, size: int, args: list) -> str:
         """The artifact's cache key, remembered by the piece (records keep it)."""
@@ -286,19 +312,23 @@ class KilnBackend:
                 f"called with {size} tokens; compiled sizes are {sorted(self.sizes)}")
         key = piece.info.keys.get(size)
         if key is None:
-            passes = [name for name, (applies, _) in PASSES.items()
-                      if name in self.config.passes and applies(size)]
+            span = self._dynamic_range(piece, size)
+            shapes = _signature(args, piece.info.token_sized if span else None)
             key = piece.info.keys[size] = hashlib.sha256(
-                f"{self.cache_salt}|{self.config.inductor_config()}|{passes}|{_PASSES_SOURCE}|"
-                f"{piece.info.structure}|{_signature(args)}".encode()).hexdigest()[:32]
+                f"{self.cache_salt}|{self.config.inductor_config()}|{self._passes(size)}|"
+                f"{_PASSES_SOURCE}|{piece.info.structure}|{shapes}|{span}".encode()
+            ).hexdigest()[:32]
         return key
 
     def ensure(self, piece: Piece, size: int, args: list):
         """The artifact if it had to be compiled or is in memory; None if a verified copy
         waits in the cache (loaded by `artifact_for` when first called)."""
         key = self._key(piece, size, args)
-        if key not in self.artifacts and self.cache is not None and self.cache.contains(key):
-            self.counters.num_deferred += 1
+        if key not in self.artifacts and self.cache is not None and (
+                key in self.deferred or self.cache.contains(key)):
+            if key not in self.deferred:  # sizes of one dynamic range share their key
+                self.deferred.add(key)
+                self.counters.num_deferred += 1
             return None
         return self.artifact_for(piece, size, args)
 
@@ -317,7 +347,8 @@ class KilnBackend:
                                    f"missing while kiln ran; start again to rebuild it")
             else:
                 artifact = compile_piece(self._rewritten(piece.gm, size), args,
-                                         self.config.inductor_config())
+                                         self.config.inductor_config(),
+                                         dynamic=self._dynamic_range(piece, size) is not None)
                 self.counters.num_compiles += 1
                 if self.cache is not None:
                     self.cache.save(key, artifact)

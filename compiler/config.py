@@ -16,6 +16,9 @@ class CompilationConfig:
     cache_dir: str | None = None  # None: $KILN_CACHE_DIR/compile or ~/.cache/kiln/compile
     # kiln's FX passes; None: the device's defaults (see `for_device`)
     passes: list[str] | None = None
+    # One artifact, with a symbolic token count, for every run of sizes above 1 that the
+    # same passes apply to, instead of one per size; None: the device's default
+    dynamic: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,11 +61,14 @@ class CompilationConfig:
         return cls(**value)
 
     def for_device(self, device_type: str) -> "CompilationConfig":
-        """This config with its passes settled for the device: both passes on CPU, where they
-        were measured to pay; none on CUDA, whose BLAS runs one or a few rows well as it is."""
-        if self.passes is not None:
-            return self
-        return replace(self, passes=list(KNOWN_PASSES) if device_type == "cpu" else [])
+        """This config with its defaults settled for the device. On CPU: both passes, and
+        dynamic artifacts (3 compiles instead of 12 for the default sizes, and kernels as
+        fast as per-size ones here). On CUDA: no passes (cuBLAS runs one or a few rows well
+        as it is) and one artifact per size, the path measured there."""
+        cpu = device_type == "cpu"
+        passes = self.passes if self.passes is not None else list(KNOWN_PASSES) if cpu else []
+        return replace(self, passes=passes,
+                       dynamic=self.dynamic if self.dynamic is not None else cpu)
 
     def inductor_config(self) -> dict:
         options = {"max_autotune": True} if self.mode.startswith("max-autotune") else {}

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 
-def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict):
-    """Compile one graph piece with Inductor for the exact shapes of `example_inputs`, with
-    Inductor config `options` (standalone_compile's `options` are compile_fx's arguments)."""
+def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict,
+                  dynamic: bool = False):
+    """Compile one graph piece with Inductor, with Inductor config `options`
+    (standalone_compile's `options` are compile_fx's arguments): for the exact shapes of
+    `example_inputs`, or, `dynamic`, for the symbolic sizes Dynamo traced the graph with."""
     return torch._inductor.standalone_compile(
-        gm, example_inputs, dynamic_shapes="from_example_inputs",
+        gm, example_inputs, dynamic_shapes="from_graph" if dynamic else "from_example_inputs",
         options={"config_patches": dict(options)})
 
 

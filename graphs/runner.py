@@ -57,7 +57,7 @@ class GraphRunner:
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
         self.record_key = hashlib.sha256(
             f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
-            f"{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
+            f"{compilation.dynamic}|{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
         # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo
         # always specialises 1); the pieces are still compiled for static sizes.
         self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
