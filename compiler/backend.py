@@ -11,6 +11,7 @@ one artifact with a symbolic token count for each run of sizes above 1 that the 
 apply to. Pieces are keyed by their structure and input shapes, never by which layer they
 came from."""
 
+import bisect
 import contextlib
 import copy
 import hashlib
@@ -225,8 +226,8 @@ class KilnBackend:
                  cache_salt: str):
         self.config = config
         self.cache = cache
-        self.sizes = set(sizes)
-        self.ranges = self._ranges(sorted(self.sizes)) if config.dynamic else {}
+        self.sizes = sorted(set(sizes))
+        self.ranges = self._ranges(self.sizes) if config.dynamic else {}
         self.cache_salt = cache_salt  # model config, dtype, layout, versions
         self.counters = CompileCounters()
         self.artifacts: dict[str, object] = {}
@@ -302,17 +303,31 @@ class KilnBackend:
                 runs.append([size])
         return {size: (run[0], run[-1]) for run in runs for size in run}
 
+    def _span(self, size: int) -> tuple[int, int] | None:
+        """The dynamic range whose artifact runs `size` tokens as they are: that of the size
+        it would pad to, if the same passes apply to both."""
+        i = bisect.bisect_left(self.sizes, size)
+        span = self.ranges.get(self.sizes[i]) if i < len(self.sizes) else None
+        if span is not None and self._passes(size) == self._passes(self.sizes[i]):
+            return span
+        return None
+
+    def runs_unpadded(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` tokens runs as it is, a dynamic artifact covering
+        it, instead of padded up to a compiled size."""
+        return self._span(num_tokens) is not None
+
     def _dynamic_range(self, piece: Piece, size: int) -> tuple[int, int] | None:
-        return self.ranges.get(size) if piece.info.token_arg is not None else None
+        return self._span(size) if piece.info.token_arg is not None else None
 
     def _key(self, piece: Piece, size: int, args: list) -> str:
         """The artifact's cache key, remembered by the piece (records keep it)."""
-        if size not in self.sizes:
+        span = self._dynamic_range(piece, size)
+        if size not in self.sizes and span is None:
             raise UncompiledSizeError(
-                f"called with {size} tokens; compiled sizes are {sorted(self.sizes)}")
+                f"called with {size} tokens; compiled sizes are {self.sizes}")
         key = piece.info.keys.get(size)
         if key is None:
-            span = self._dynamic_range(piece, size)
             shapes = _signature(args, piece.info.token_sized if span else None)
             key = piece.info.keys[size] = hashlib.sha256(
                 f"{self.cache_salt}|{self.config.inductor_config()}|{self._passes(size)}|"

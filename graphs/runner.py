@@ -1,7 +1,8 @@
 """Runs the model for one step: eagerly, through the compiled callable of the step's padded
 size, or by replaying that size's CUDA graph. One rule picks the path: eager when
 `enforce_eager`; a graph when the batch is decode-only and its size was captured; otherwise
-the compiled pieces at the padded size."""
+the compiled pieces at the padded size, or at the step's own token count where a dynamic
+artifact covers it (no padding)."""
 
 import collections
 import hashlib
@@ -58,8 +59,8 @@ class GraphRunner:
         self.record_key = hashlib.sha256(
             f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
             f"{compilation.dynamic}|{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
-        # dynamic=True: one trace with symbolic sizes serves every token count > 1 (Dynamo
-        # always specialises 1); the pieces are still compiled for static sizes.
+        # dynamic=True: one trace with symbolic sizes serves every token count; the pieces
+        # are compiled per size or per range of sizes (see KilnBackend).
         self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
                                           dynamic=True)
         self.direct: dict[torch.nn.Module, object] = {}  # layer -> its DirectCall
@@ -100,7 +101,8 @@ class GraphRunner:
             with attention_context(meta):
                 return self.model(input_ids, positions, **extra)
         num_tokens = input_ids.shape[0]
-        size = padded_size(self.sizes, num_tokens)
+        size = num_tokens if self.backend.runs_unpadded(num_tokens) else padded_size(
+            self.sizes, num_tokens)
         if self.cuda_graphs is not None and self.cuda_graphs.can_replay(meta, num_tokens, size):
             self.steps["graph_replay", size] += 1
             return self.cuda_graphs.replay(input_ids, positions, meta, size)
