@@ -134,13 +134,11 @@ def measure(model: str | None, modes: list[str], batches: list[int], max_tokens:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if mode == modes[-1]:
+            _add_ratios(report["results"])
         if out:
             with open(out, "w") as f:
                 json.dump(report, f, indent=2)
-    _add_ratios(report["results"])
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
     return report
 
 
