@@ -142,6 +142,7 @@ class LLM:
             device=device,
             enforce_eager=bool(enforce_eager),
             compile_cache_dir=compile_cache_dir,
+            kernel_dir=cache_dir() / "kernels",
         )
         self.engine = self.pooler = None
         if is_encoder:  # encoders keep no KV cache and need no scheduler

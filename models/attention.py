@@ -13,6 +13,7 @@ so one long prompt never pads every decode to its length.
 """
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class AttentionMetadata:
     token_offsets: torch.Tensor  # [T] index of each token within its sequence's chunk
     num_decodes: int  # sequences (and tokens) at the front that decode one token
     max_query_len: int  # longest prefill chunk (0 when the batch is decode only)
+    # CPU float32: the decodes attend through this kernel (models/cpu_attention.py) instead
+    # of gathering their blocks for SDPA; None: the torch path
+    decode_kernel: Callable | None = None
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -191,7 +195,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     write_kv(kv_cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
     outputs = []
-    if nd > 0:
+    if nd > 0 and meta.decode_kernel is not None and kv_cache.dtype == torch.float32 and \
+            kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
+        outputs.append(meta.decode_kernel(q[:nd], kv_cache, meta.block_tables[:nd],
+                                          meta.seq_lens[:nd], scale, sliding_window or 0))
+    elif nd > 0:
         tables = meta.block_tables[:nd]
         mask = _shared(("decode", sliding_window), lambda: _group_mask(
             meta.seq_lens[:nd], meta.query_lens[:nd], 1,

@@ -132,6 +132,7 @@ class EngineConfig:
     device: torch.device
     enforce_eager: bool
     compile_cache_dir: Path | None  # None: compile without a persistent cache
+    kernel_dir: Path  # where kiln's own C++ kernels are built (models/cpu_attention.py)
 
     def __post_init__(self) -> None:
         sizes, budget = self.compilation.sizes, self.scheduler.max_num_batched_tokens

@@ -15,6 +15,7 @@ import torch
 from ..compiler.cache import CompileCache
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
+from ..models.cpu_attention import load_decode_kernel
 from ..models.loader import build_model, init_dummy_weights, load_weights
 from .config import EngineConfig
 from .sampler import SamplerOutput, SamplingBatch, sample
@@ -60,6 +61,9 @@ class ModelRunner:
             load_weights(self.model, config.model.path)
         logger.info("loaded %s (%s) in %.1f s", config.model.path, config.model.dtype,
                     time.perf_counter() - start)
+        self.decode_kernel = None  # filled into each step's metadata (CPU float32 only)
+        if self.device.type == "cpu" and config.model.dtype == torch.float32:
+            self.decode_kernel = load_decode_kernel(config.kernel_dir)
         layers = self.model.attention_layers()
         attn = layers[0]
         self.bytes_per_block = (2 * len(layers) * self.block_size * attn.num_kv_heads
@@ -192,6 +196,7 @@ class ModelRunner:
             token_offsets=self._tensor(token_offsets),
             num_decodes=num_decodes,
             max_query_len=int(prefill_lens.max()) if len(prefill_lens) else 0,
+            decode_kernel=self.decode_kernel,
         )
         return ModelInputs(
             input_ids=self._tensor(np.concatenate(token_ids)),

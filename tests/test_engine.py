@@ -29,6 +29,8 @@ def test_batch_of_one_and_large_batch(tiny_llama, reference):
     llm, many = run(tiny_llama[0], prompts)
     assert many == expected
     assert len(prompts) >= 16
+    runner = llm.engine.runner  # on CPU the decodes above ran kiln's decode kernel
+    assert (runner.decode_kernel is not None) == (runner.device.type == "cpu")
 
 
 def test_max_num_seqs_one_serves_requests_in_turn(tiny_llama, reference):

@@ -1,0 +1,92 @@
+"""The CPU decode attention kernel against the torch path it replaces, on caches whose
+blocks are scattered and sequences whose lengths end mid-block."""
+
+import pytest
+import torch
+
+from kiln.models.attention import AttentionMetadata, paged_attention
+from kiln.models.cpu_attention import load_decode_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    built = load_decode_kernel(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, "g++ (which Inductor needs on CPU too) should build the kernel"
+    return built
+
+
+def _batch(seq_lens: list[int], num_prefill_tokens: int, num_heads: int, num_kv_heads: int,
+           head_dim: int, block_size: int = 4, seed: int = 0):
+    """A step of one-token decodes (contexts `seq_lens`) plus, when `num_prefill_tokens`,
+    one prefill chunk starting at position 0, over a cache of shuffled blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = seq_lens + ([num_prefill_tokens] if num_prefill_tokens else [])
+    width = max(-(-n // block_size) for n in lens)
+    num_blocks = width * len(lens) + 3
+    blocks = torch.randperm(num_blocks, generator=gen)
+    tables = blocks[:width * len(lens)].view(len(lens), width)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    query_lens = [1] * len(seq_lens) + ([num_prefill_tokens] if num_prefill_tokens else [])
+    positions = [n - 1 for n in seq_lens] + list(range(num_prefill_tokens))
+    token_to_seq = [i for i, q in enumerate(query_lens) for _ in range(q)]
+    slots = [int(tables[s, p // block_size]) * block_size + p % block_size
+             for s, p in zip(token_to_seq, positions)]
+    offsets = [0] * len(seq_lens) + list(range(num_prefill_tokens))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), seq_lens=torch.tensor(lens),
+        query_lens=torch.tensor(query_lens), block_tables=tables,
+        token_to_seq=torch.tensor(token_to_seq), token_offsets=torch.tensor(offsets),
+        num_decodes=len(seq_lens), max_query_len=num_prefill_tokens)
+    num_tokens = len(slots)
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen)
+    return q, k, v, cache, meta
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [
+    (4, 4, 64),  # no grouping, the unrolled 64 path
+    (9, 3, 64),  # SmolLM2's grouping
+    (8, 2, 128),
+    (4, 2, 16),  # a head size without its own unrolled path
+])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_kernel_matches_torch_path(kernel, num_heads, num_kv_heads, head_dim, sliding_window):
+    q, k, v, cache, meta = _batch([1, 3, 4, 9, 17], 0, num_heads, num_kv_heads, head_dim)
+    scale = head_dim**-0.5
+    expected = paged_attention(q, k, v, cache.clone(), meta, scale, sliding_window)
+    meta.decode_kernel = kernel
+    got = paged_attention(q, k, v, cache, meta, scale, sliding_window)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_in_a_batch_with_a_prefill_and_one_thread(kernel):
+    """Decodes go through the kernel, the prefill chunk through the torch path, in one step;
+    with fewer sequences than threads the kernel splits heads across threads."""
+    q, k, v, cache, meta = _batch([6, 13], 7, 6, 2, 32, seed=1)
+    expected = paged_attention(q, k, v, cache.clone(), meta, 0.2)
+    meta.decode_kernel = kernel
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, threads, threads + 3):
+            torch.set_num_threads(n)
+            got = paged_attention(q, k, v, cache.clone(), meta, 0.2)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kernel_skipped_for_other_dtypes(kernel):
+    q, k, v, cache, meta = _batch([5, 2], 0, 4, 2, 16)
+    q, k, v, cache = (x.to(torch.bfloat16) for x in (q, k, v, cache))
+    expected = paged_attention(q, k, v, cache.clone(), meta, 0.25)
+    meta.decode_kernel = kernel
+    torch.testing.assert_close(paged_attention(q, k, v, cache, meta, 0.25), expected)
+
+
+def test_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    import kiln.models.cpu_attention as cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "_COMPILER", str(tmp_path / "no-such-compiler"))
+    assert cpu_attention.load_decode_kernel(tmp_path) is None
+    assert "torch path" in caplog.text
