@@ -134,9 +134,9 @@ extern "C" int kiln_decode_attention(
 }
 """
 
+_COMPILER = "g++"
 # fast-math lets the compiler vectorise the dot products, sums and exponentials (2x here);
 # the kernel never produces or compares infinities, so finite-math is safe too.
-_COMPILER = "g++"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _I64 = ctypes.c_int64
