@@ -150,7 +150,15 @@ class LlamaForCausalLM(nn.Module):
         # rows on this CPU (see compiler/passes.py, linear_as_weight_times_input). Copied
         # back to row-major: the sampler's argmax over a transposed view of 64 rows took
         # 14 ms, over rows 1 ms.
-        return (weight @ hidden.T).T.float().contiguous()
+        if hidden.device.type != "cpu":
+            return (weight @ hidden.T).T.float().contiguous()
+        # On CPU in slices of the vocabulary, each copied while it is still in cache: for
+        # SmolLM2 (49152 x 576) in decode steps here, median 19.5 ms instead of 26.1 for 16
+        # rows and 43.3 instead of 51.2 for 64 (one 12.6 MB copy cost about 8 ms of those).
+        out = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=torch.float32)
+        for start in range(0, weight.shape[0], 1024):
+            out[:, start:start + 1024] = (weight[start:start + 1024] @ hidden.T).T
+        return out
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
