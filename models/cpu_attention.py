@@ -39,7 +39,7 @@ template <int kDim>
 static void attend(const float* q, const float* k_cache, const float* v_cache,
                    const int64_t* table, int64_t start, int64_t n, int64_t block_size,
                    int64_t num_kv_heads, int64_t h0, int64_t h1, int64_t group, int64_t dim,
-                   float scale, float* scores, float* acc, float* out) {
+                   float scale, float* scores, float* out) {
   const int64_t d_len = kDim > 0 ? kDim : dim;
   const int64_t slot = num_kv_heads * d_len;  // floats per cached token
   const int64_t rows = (h1 - h0) * group;     // query heads of this item
@@ -71,17 +71,16 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
     const float inv = 1.f / sum;
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
-  for (int64_t j = 0; j < rows * d_len; ++j) acc[j] = 0.f;
+  for (int64_t j = 0; j < rows * d_len; ++j) out[j] = 0.f;
   for (int64_t i = 0; i < n; ++i) {
     const float* v = at(v_cache, start + i);
     for (int64_t r = 0; r < rows; ++r) {
       const float p = scores[r * n + i];
       const float* vr = v + (r / group) * d_len;
-      float* a = acc + r * d_len;
+      float* a = out + r * d_len;
       for (int64_t d = 0; d < d_len; ++d) a[d] += p * vr[d];
     }
   }
-  for (int64_t j = 0; j < rows * d_len; ++j) out[j] = acc[j];
 }
 
 // q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, width];
@@ -102,14 +101,13 @@ extern "C" int kiln_decode_attention(
   {
     const size_t max_len = width * block_size;
     float* scores = static_cast<float*>(std::malloc(sizeof(float) * num_heads * max_len));
-    float* acc = static_cast<float*>(std::malloc(sizeof(float) * num_heads * head_dim));
-    if (scores == nullptr || acc == nullptr) {
+    if (scores == nullptr) {
 #pragma omp atomic write
       failed = 1;
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < num_seqs * splits; ++item) {
-      if (scores == nullptr || acc == nullptr) continue;
+      if (scores == nullptr) continue;
       const int64_t s = item / splits;
       const int64_t h0 = item % splits * num_kv_heads / splits;
       const int64_t h1 = (item % splits + 1) * num_kv_heads / splits;
@@ -118,7 +116,7 @@ extern "C" int kiln_decode_attention(
       const int64_t offset = s * num_heads * head_dim;
       auto run = [&](auto kernel) {
         kernel(q + offset, k_cache, v_cache, block_tables + s * width, start, len - start,
-               block_size, num_kv_heads, h0, h1, group, head_dim, scale, scores, acc,
+               block_size, num_kv_heads, h0, h1, group, head_dim, scale, scores,
                out + offset);
       };
       switch (head_dim) {
@@ -128,7 +126,6 @@ extern "C" int kiln_decode_attention(
       }
     }
     std::free(scores);
-    std::free(acc);
   }
   return failed;
 }
