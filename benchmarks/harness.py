@@ -192,6 +192,24 @@ def gguf_for(spec: EngineSpec, gguf: Path | None, work: Path) -> Path | None:
     return write_unquantized(gguf, work / f"{gguf.stem}-{spec.precision}.gguf", spec.precision)
 
 
+def bench_prompts(folder: Path, vocab: int, repeats: int, prompts_file: str | None) -> dict:
+    """{"latency": one prompt per repetition, "throughput": one batch per repetition}, the
+    same for every engine. Each repetition has prompts of its own: a repeated prompt would
+    be served from the prefix cache of the engines that have one."""
+    batch = WORKLOADS["throughput"].num_prompts
+    if prompts_file:
+        from kiln.runtime.tokenizer import Tokenizer
+
+        encode = Tokenizer(str(folder)).encode
+        every = jsonl_prompts(prompts_file, encode, batch * repeats)
+        return {"latency": jsonl_prompts(prompts_file, encode, repeats),
+                "throughput": [every[r * batch:(r + 1) * batch] for r in range(repeats)]}
+    return {"latency": synthetic_prompts(repeats, WORKLOADS["latency"].prompt_len, vocab,
+                                         seed=0),
+            "throughput": [synthetic_prompts(batch, WORKLOADS["throughput"].prompt_len, vocab,
+                                             seed=1 + r) for r in range(repeats)]}
+
+
 def bench(workloads: list[str], engine_names: list[str], model: str | None, repeats: int,
           prompts_file: str | None, out_dir: Path, command: str | None = None,
           log=print, startup_repeats: int | None = None) -> dict:
@@ -199,18 +217,9 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
     config = json.loads((folder / "config.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     vocab = config["vocab_size"]
-    if prompts_file:
-        from kiln.runtime.tokenizer import Tokenizer
-
-        encode = Tokenizer(str(folder)).encode
-        prompts = {"latency": jsonl_prompts(prompts_file, encode, 1),
-                   "throughput": jsonl_prompts(prompts_file, encode, 64)}
-    else:
-        prompts = {
-            "latency": synthetic_prompts(1, WORKLOADS["latency"].prompt_len, vocab, seed=0),
-            "throughput": synthetic_prompts(WORKLOADS["throughput"].num_prompts,
-                                            WORKLOADS["throughput"].prompt_len, vocab, seed=1)}
-    max_len = max(len(p) for p in prompts["throughput"] + prompts["latency"]) + 128 + 16
+    prompts = bench_prompts(folder, vocab, repeats, prompts_file)
+    latency, throughput = prompts["latency"], prompts["throughput"]
+    max_len = max(len(p) for p in latency + sum(throughput, [])) + 128 + 16
     log("measuring the machine: memory bandwidth and matmul peak")
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -222,9 +231,8 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
                                       "bfloat16": measure_matmul_peak(_torch_dtype("bf16"))}},
         "workloads": {w: WORKLOADS[w].to_dict() for w in workloads},
         "prompts": {"source": prompts_file or "synthetic (seeded)",
-                    "latency_len": len(prompts["latency"][0]),
-                    "throughput_lens": sorted({len(p) for p in prompts["throughput"]}),
-                    "throughput_prompt_tokens": sum(len(p) for p in prompts["throughput"])},
+                    "latency_len": len(latency[0]),
+                    "throughput_lens": sorted({len(p) for p in sum(throughput, [])})},
         "engines": {}, "skipped": {},
     }
     for i, name in enumerate(engine_names, 1):
@@ -300,7 +308,9 @@ def write_reports(report: dict, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("workload", choices=[*WORKLOADS, "all"])
+    parser.add_argument("workload", nargs="?", choices=[*WORKLOADS, "all"])
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="show the change between two runs' bench.json files, run nothing")
     parser.add_argument("--model", default=None,
                         help="checkpoint folder or hub id (default: the embedded SmolLM2)")
     parser.add_argument("--engines", default=",".join(ENGINES),
@@ -314,6 +324,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", default=None,
                         help="also write the table into this README's Performance section")
     args = parser.parse_args(argv)
+    if args.compare:
+        if args.workload:
+            parser.error("--compare runs nothing: give it two reports and no workload")
+        from .report import render_comparison
+
+        try:
+            before, after = (json.loads(Path(p).read_text()) for p in args.compare)
+        except (OSError, ValueError) as e:
+            parser.error(f"cannot read a report: {e}")
+        for path, report in zip(args.compare, (before, after)):
+            if not isinstance(report, dict) or "summary" not in report:
+                parser.error(f"{path} is not a kiln bench report (no summary)")
+        print(render_comparison(before, after), end="")
+        return 0
+    if args.workload is None:
+        parser.error("give a workload (or all), or --compare BEFORE AFTER")
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     unknown = [n for n in names if n not in ENGINES]
     if unknown:

@@ -16,7 +16,7 @@ def _start_times(runs: list[dict]) -> dict:
     return {"ready_s": summarize(ready).to_dict(), "first_token_s": summarize(first).to_dict()}
 
 
-def summarize_engine(raw: dict, prompt_tokens: int) -> dict:
+def summarize_engine(raw: dict) -> dict:
     out = {}
     main = raw.get("main", {})
     if main.get("latency"):
@@ -27,7 +27,7 @@ def summarize_engine(raw: dict, prompt_tokens: int) -> dict:
         out["throughput"] = {
             "output_tok_s": summarize([s["output_tokens"] / s["seconds"]
                                        for s in samples]).to_dict(),
-            "total_tok_s": summarize([(s["output_tokens"] + prompt_tokens) / s["seconds"]
+            "total_tok_s": summarize([(s["output_tokens"] + s["prompt_tokens"]) / s["seconds"]
                                       for s in samples]).to_dict()}
     if main.get("unsupported"):
         out["unsupported"] = main["unsupported"]
@@ -48,14 +48,57 @@ def vllm_reference(precision: str) -> str:
     return "vllm" if precision in ("float32", "f32") else "vllm-bf16"
 
 
+def _sequences(raw: dict, workload: str) -> list[list[int]] | None:
+    tokens = raw.get("main", {}).get("tokens", {}).get(workload)
+    if tokens is None:
+        return None
+    return [tokens] if workload == "latency" else tokens
+
+
+def token_agreement(report: dict) -> dict:
+    """Per engine, how its greedy tokens of each workload's first repetition compare with
+    those of a reference at the same precision: transformers eager where it ran, else the
+    first such engine. Float rounding differs between engines, so a near-tie between two
+    tokens can go either way; the share of tokens before the first difference says how
+    early."""
+    groups = {}
+    for name, engine in report["engines"].items():
+        precision = {"f32": "float32"}.get(engine["precision"], engine["precision"])
+        groups.setdefault(precision, []).append(name)
+    out = {}
+    for names in groups.values():
+        reference = "transformers" if "transformers" in names else names[0]
+        ref_raw = report["engines"][reference]["raw"]
+        for name in names:
+            if name == reference:
+                continue
+            agreement = {"reference": reference}
+            for workload in ("latency", "throughput"):
+                ours = _sequences(report["engines"][name]["raw"], workload)
+                theirs = _sequences(ref_raw, workload)
+                if ours is None or theirs is None or len(ours) != len(theirs):
+                    continue
+                common = 0
+                for a, b in zip(ours, theirs):
+                    common += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                                   min(len(a), len(b)))
+                agreement[workload] = {
+                    "identical": sum(a == b for a, b in zip(ours, theirs)),
+                    "sequences": len(ours),
+                    "common_prefix_share": common / max(1, sum(map(len, theirs)))}
+            if len(agreement) > 1:
+                out[name] = agreement
+    return out
+
+
 def summarize_report(report: dict) -> dict:
     """Per engine: its summaries, ratios to transformers eager and to vLLM at the same
     precision, and its share of the machine's ceilings."""
     roof = report["roofline"]
     numbers = report["model_numbers"]
-    prompt_tokens = report["prompts"]["throughput_prompt_tokens"]
-    summary = {name: summarize_engine(e["raw"], prompt_tokens)
-               for name, e in report["engines"].items()}
+    summary = {name: summarize_engine(e["raw"]) for name, e in report["engines"].items()}
+    for name, agreement in token_agreement(report).items():
+        summary[name]["agreement"] = agreement
 
     def median(name: str, workload: str, metric: str) -> float | None:
         value = summary.get(name, {}).get(workload, {}).get(metric)
@@ -161,6 +204,11 @@ def render_markdown(report: dict) -> str:
             f"| {_ratio(r['output_vs_transformers'])} | {_ratio(r['output_vs_vllm'])} | "
             f"{_share(roofs['decode_share_of_bandwidth'])} | "
             f"{_share(roofs['throughput_share_of_matmul_peak'])} |")
+    agreement = [_agreement_line(name, s["agreement"]) for name, s in summary.items()
+                 if "agreement" in s]
+    if agreement:
+        lines += ["", "Greedy tokens of the first repetition against an engine at the same "
+                  "precision:", *agreement]
     notes = [f"- {name}: {why}" for name, s in summary.items()
              for why in s.get("unsupported", {}).values()]
     notes += [f"- {name} skipped: {why}" for name, why in report["skipped"].items()]
@@ -168,6 +216,52 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Not measured:", *notes]
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _agreement_line(name: str, agreement: dict) -> str:
+    parts = []
+    for workload in ("latency", "throughput"):
+        a = agreement.get(workload)
+        if a is None:
+            continue
+        part = f"{workload} {a['identical']}/{a['sequences']} sequences identical"
+        if a["identical"] < a["sequences"]:
+            part += f" ({100 * a['common_prefix_share']:.0f} % of tokens before the first " \
+                    f"difference)"
+        parts.append(part)
+    return f"- {name} vs {agreement['reference']}: " + "; ".join(parts)
+
+
+# What `kiln bench --compare` sets side by side: (label, workload, metric, scale, digits).
+COMPARED = [
+    ("decode tok/s", "latency", "decode_tok_s", 1, 1),
+    ("TTFT ms", "latency", "ttft_s", 1000, 0),
+    ("output tok/s", "throughput", "output_tok_s", 1, 1),
+    ("total tok/s", "throughput", "total_tok_s", 1, 1),
+    ("ready s", "startup", "ready_s", 1, 2),
+    ("first token s", "startup", "first_token_s", 1, 2),
+    ("cold first token s", "startup_cold", "first_token_s", 1, 1),
+]
+
+
+def render_comparison(before: dict, after: dict) -> str:
+    """Markdown: each engine both runs measured, each metric's medians and the change."""
+    lines = [f"Before: {before['date']} ({before.get('command') or 'no command'}); after: "
+             f"{after['date']} ({after.get('command') or 'no command'}).", "",
+             "| engine | metric | before | after | change |", "| --- | --- | --- | --- | --- |"]
+    for name in [n for n in after["summary"] if n in before["summary"]]:
+        for label, workload, metric, scale, digits in COMPARED:
+            old = before["summary"][name].get(workload, {}).get(metric)
+            new = after["summary"][name].get(workload, {}).get(metric)
+            if not old or not new:
+                continue
+            a, b = old["median"] * scale, new["median"] * scale
+            change = f"{100 * (b / a - 1):+.1f} %" if a else "–"
+            lines.append(f"| {name} | {label} | {a:.{digits}f} | {b:.{digits}f} | {change} |")
+    only = sorted(set(before["summary"]) ^ set(after["summary"]))
+    if only:
+        lines += ["", f"Measured in one run only: {', '.join(only)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -39,19 +39,19 @@ class KilnEngine:
         """kiln's compile counters (traces, compiles, cache loads, deferred loads)."""
         return None if self.backend is None else dict(vars(self.backend.counters))
 
-    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+    def stream(self, prompt: list[int], max_tokens: int) -> tuple[list[float], list[int]]:
         engine = self.llm.engine
         (req,) = engine.add_request(None, prompt, self.params(max_tokens))
         times = []
         while engine.has_unfinished:
             engine.step()
             times += [time.perf_counter()] * (req.num_output_tokens - len(times))
-        return times
+        return times, list(req.output_token_ids)
 
-    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
                                  self.params(max_tokens), use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+        return [list(o.outputs[0].token_ids) for o in outs]
 
     def kv_blocks(self) -> int:
         return self.llm.engine.block_manager.num_blocks
@@ -65,6 +65,9 @@ class TransformersEngine:
         self.torch = torch
         dtype = getattr(torch, job["dtype"])
         self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).eval()
+        # EOS ignored, as every engine here does: no EOS stops a sequence, and none is
+        # forbidden either (min_new_tokens would mask its logit and change greedy tokens).
+        self.model.generation_config.eos_token_id = None
         self.compiled = job.get("compile", False)
         if self.compiled:  # transformers' documented recipe: static cache + compiled forward
             self.model.generation_config.cache_implementation = "static"
@@ -75,10 +78,10 @@ class TransformersEngine:
         with self.torch.inference_mode():
             return self.model.generate(
                 ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None,
-                top_k=None, streamer=streamer, pad_token_id=0)
+                do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer,
+                pad_token_id=0)
 
-    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+    def stream(self, prompt: list[int], max_tokens: int) -> tuple[list[float], list[int]]:
         times = []
 
         class Clock:  # transformers' streamer interface: put() gets the prompt, then tokens
@@ -93,12 +96,12 @@ class TransformersEngine:
             def end(self):
                 pass
 
-        self._generate(self.torch.tensor([prompt]), max_tokens, Clock())
-        return times
+        out = self._generate(self.torch.tensor([prompt]), max_tokens, Clock())
+        return times, out[0, len(prompt):].tolist()
 
-    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         out = self._generate(self.torch.tensor(prompts), max_tokens)
-        return (out.shape[1] - len(prompts[0])) * out.shape[0]
+        return out[:, len(prompts[0]):].tolist()
 
     def kv_blocks(self) -> None:
         return None
@@ -114,19 +117,20 @@ class VllmEngine:
                        seed=0)
         self.compile_seconds = {}
 
-    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
+    def stream(self, prompt: list[int], max_tokens: int) -> tuple[list[float], list[int]]:
         engine = self.llm.llm_engine
         engine.add_request("stream", {"prompt_token_ids": prompt}, self.params(max_tokens))
-        times = []
+        times, tokens = [], []
         while engine.has_unfinished_requests():
             for out in engine.step():
-                times += [time.perf_counter()] * (len(out.outputs[0].token_ids) - len(times))
-        return times
+                tokens = list(out.outputs[0].token_ids)
+                times += [time.perf_counter()] * (len(tokens) - len(times))
+        return times, tokens
 
-    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
                                  self.params(max_tokens), use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+        return [list(o.outputs[0].token_ids) for o in outs]
 
     def kv_blocks(self) -> int | None:
         return getattr(self.llm.llm_engine.vllm_config.cache_config, "num_gpu_blocks", None)
@@ -140,17 +144,18 @@ class LlamaCppEngine:
                          n_threads=os.cpu_count(), n_batch=512, seed=0, verbose=False)
         self.compile_seconds = {}
 
-    def stream(self, prompt: list[int], max_tokens: int) -> list[float]:
-        times = []
+    def stream(self, prompt: list[int], max_tokens: int) -> tuple[list[float], list[int]]:
+        times, tokens = [], []
         # generate() yields tokens with no EOS check of its own; top_k=1 is greedy.
-        for _ in self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
-                                   reset=True):
+        for token in self.llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0,
+                                       repeat_penalty=1.0, reset=True):
             times.append(time.perf_counter())
+            tokens.append(int(token))
             if len(times) == max_tokens:
                 break
-        return times
+        return times, tokens
 
-    def batch(self, prompts: list[list[int]], max_tokens: int) -> int:
+    def batch(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         raise Unsupported("llama-cpp-python's API generates one sequence at a time")
 
     def kv_blocks(self) -> None:
@@ -172,18 +177,24 @@ def run(job: dict) -> dict:
         try:
             for rep in range(spec["repeats"]):
                 log(f"{name} {rep + 1}/{spec['repeats']}")
+                # Each repetition has prompts of its own: a repeated prompt would be served
+                # from the prefix cache of the engines that have one.
                 if name == "latency":
                     start = time.perf_counter()
-                    times = engine.stream(prompts["latency"][0], spec["max_tokens"])
+                    times, tokens = engine.stream(prompts["latency"][rep], spec["max_tokens"])
                     samples.append({"start": start, "token_times": times})
                 elif name == "startup":  # one token, timed from process start by the harness
                     engine.stream(prompts["latency"][0], 1)
                     samples.append({"first_token": time.time()})
                 else:
+                    batch = prompts["throughput"][rep]
                     start = time.perf_counter()
-                    tokens = engine.batch(prompts["throughput"], spec["max_tokens"])
+                    tokens = engine.batch(batch, spec["max_tokens"])
                     samples.append({"seconds": time.perf_counter() - start,
-                                    "output_tokens": tokens})
+                                    "output_tokens": sum(map(len, tokens)),
+                                    "prompt_tokens": sum(map(len, batch))})
+                if rep == 0 and name != "startup":  # greedy tokens, compared across engines
+                    result.setdefault("tokens", {})[name] = tokens
         except Unsupported as e:
             result.setdefault("unsupported", {})[name] = str(e)
             continue

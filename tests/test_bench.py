@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from kiln.benchmarks.harness import ENGINES, bench
+from kiln.benchmarks.harness import ENGINES, bench, bench_prompts
+from kiln.benchmarks.harness import main as bench_main
 from kiln.benchmarks.report import render_markdown, summarize_report, update_readme
 from kiln.benchmarks.roofline import decode_fraction, model_numbers, throughput_fraction
 from kiln.benchmarks.stats import percentile, summarize, token_timing
@@ -21,6 +22,16 @@ def test_synthetic_prompts_are_seeded_distinct_and_exact():
     assert all(len(p) == 128 and min(p) >= 32 and max(p) < 49152 for p in a)
     with pytest.raises(ValueError, match="no ordinary tokens"):
         synthetic_prompts(1, 4, 16)
+
+
+def test_every_repetition_has_prompts_of_its_own():
+    prompts = bench_prompts(None, 49152, 3, None)
+    assert prompts == bench_prompts(None, 49152, 3, None)  # every engine gets the same
+    latency, throughput = prompts["latency"], prompts["throughput"]
+    assert len(latency) == 3 and len({tuple(p) for p in latency}) == 3
+    assert [len(batch) for batch in throughput] == [64, 64, 64]
+    first_blocks = {tuple(p[:16]) for batch in throughput for p in batch}
+    assert len(first_blocks) == 3 * 64  # no prompt shares even its first block with another
 
 
 def test_jsonl_prompts(tmp_path):
@@ -64,11 +75,19 @@ def test_roofline_arithmetic():
 
 
 def _fake_report():
-    def worker(decode_gap, batch_seconds):
+    def worker(decode_gap, batch_seconds, throughput_tokens):
         times = [1.0 + 0.1 + i * decode_gap for i in range(128)]
         return {"ready": 5.0, "spawned": 0.0, "peak_rss_bytes": 2**30, "kv_blocks": 100,
                 "latency": [{"start": 1.0, "token_times": times}] * 3,
-                "throughput": [{"seconds": s, "output_tokens": 8192} for s in batch_seconds]}
+                "throughput": [{"seconds": s, "output_tokens": 8192, "prompt_tokens": 8192}
+                               for s in batch_seconds],
+                "tokens": {"latency": list(range(128)), "throughput": throughput_tokens}}
+
+    reference = [[i] * 128 for i in range(64)]
+    # Two sequences differ from the reference: one from its 64th token, one from its first.
+    differing = [list(s) for s in reference]
+    differing[3][64:] = [7] * 64
+    differing[5][0] = 9
 
     def start(first):
         return {"ready": 2.0, "spawned": 0.0, "startup": [{"first_token": first}]}
@@ -80,15 +99,14 @@ def _fake_report():
         "model_numbers": {"params": 100_000_000, "matmul_params": 100_000_000},
         "roofline": {"bandwidth_bytes_s": 40e9,
                      "matmul_flops": {"float32": 100e9, "bfloat16": 200e9}},
-        "prompts": {"source": "synthetic", "latency_len": 32, "throughput_lens": [128],
-                    "throughput_prompt_tokens": 8192},
+        "prompts": {"source": "synthetic", "latency_len": 32, "throughput_lens": [128]},
         "engines": {
             "kiln": {"precision": "float32", "raw": {
-                "main": worker(0.02, [20.0, 16.0, 18.0]),
+                "main": worker(0.02, [20.0, 16.0, 18.0], differing),
                 "startup_warm": [start(3.0), start(4.0)],
                 "startup_cold": {**start(30.0), "compile_seconds": {"1": 10.0}}}},
             "transformers": {"precision": "float32", "raw": {
-                "main": worker(0.05, [80.0, 82.0, 81.0]), "startup_warm": [start(6.0)]}},
+                "main": worker(0.05, [80.0, 82.0, 81.0], reference), "startup_warm": [start(6.0)]}},
         },
         "skipped": {"vllm": "not installed"}, "command": "kiln bench all",
     }
@@ -100,6 +118,14 @@ def test_report_summary_ratios_and_markdown(tmp_path):
     kiln = summary["kiln"]
     assert kiln["latency"]["decode_tok_s"]["median"] == pytest.approx(50)
     assert kiln["throughput"]["output_tok_s"]["median"] == pytest.approx(8192 / 18)
+    assert kiln["throughput"]["total_tok_s"]["median"] == pytest.approx(2 * 8192 / 18)
+    agreement = kiln["agreement"]
+    assert agreement["reference"] == "transformers"
+    assert agreement["latency"] == {"identical": 1, "sequences": 1, "common_prefix_share": 1.0}
+    assert agreement["throughput"]["identical"] == 62
+    assert agreement["throughput"]["common_prefix_share"] == pytest.approx(
+        (64 * 128 - 64 - 128) / (64 * 128))
+    assert "agreement" not in summary["transformers"]  # the reference itself
     assert kiln["ratios"]["decode_vs_transformers"] == pytest.approx(2.5)
     assert kiln["ratios"]["output_vs_transformers"] == pytest.approx(81 / 18)
     assert kiln["ratios"]["decode_vs_vllm"] is None  # vLLM was skipped
@@ -112,6 +138,8 @@ def test_report_summary_ratios_and_markdown(tmp_path):
     assert "2.50×" in text and "50 %" in text
     assert "vllm skipped: not installed" in text
     assert "Command: `kiln bench all`" in text
+    assert "- kiln vs transformers: latency 1/1 sequences identical; throughput 62/64 " \
+           "sequences identical (98 % of tokens before the first difference)" in text
     readme = tmp_path / "README.md"
     readme.write_text("# kiln\n\nintro\n")
     update_readme(readme, report)
@@ -119,6 +147,28 @@ def test_report_summary_ratios_and_markdown(tmp_path):
     content = readme.read_text()
     assert content.count("## Performance") == 1 and content.count("| kiln | float32") == 1
     assert content.startswith("# kiln\n\nintro\n")
+
+
+def test_compare_two_runs(tmp_path, capsys):
+    before = _fake_report()
+    before["summary"] = summarize_report(before)
+    after = _fake_report()
+    after["engines"]["kiln"]["raw"]["main"]["throughput"][2]["seconds"] = 9.0  # median 16 s
+    del after["engines"]["transformers"]
+    after["summary"] = summarize_report(after)
+    paths = []
+    for name, report in (("a.json", before), ("b.json", after)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(report))
+    assert bench_main(["--compare", *map(str, paths)]) == 0
+    text = capsys.readouterr().out
+    assert f"| kiln | output tok/s | {8192 / 18:.1f} | {8192 / 16:.1f} | +12.5 % |" in text
+    assert "| kiln | decode tok/s | 50.0 | 50.0 | +0.0 % |" in text
+    assert "Measured in one run only: transformers." in text
+    paths[1].write_text("{}")
+    with pytest.raises(SystemExit):
+        bench_main(["--compare", *map(str, paths)])
+    assert "is not a kiln bench report" in capsys.readouterr().err
 
 
 def test_png_chart(tmp_path):
@@ -150,6 +200,11 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     raw = report["engines"]["kiln-eager"]["raw"]["main"]
     assert [len(x["token_times"]) for x in raw["latency"]] == [128]
     assert [x["output_tokens"] for x in raw["throughput"]] == [64 * 128]
+    # Both run float32 on the same weights: transformers is the reference for kiln's tokens.
+    agreement = report["summary"]["kiln-eager"]["agreement"]
+    assert agreement["latency"]["identical"] == 1
+    assert agreement["throughput"] == {"identical": 64, "sequences": 64,
+                                       "common_prefix_share": 1.0}
     assert any("[1/3] kiln-eager: latency 1/1" in line for line in logs)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["summary"]["kiln-eager"]["ratios"]["decode_vs_transformers"] > 0
