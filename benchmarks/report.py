@@ -172,7 +172,8 @@ def render_markdown(report: dict) -> str:
         "Medians of the repetitions, (min–max) where they differ. latency: one "
         f"{report['prompts']['latency_len']}-token prompt, 128 new tokens; throughput: 64 "
         "prompts of 128 tokens at once, 128 new tokens each; start: new process to ready "
-        "and to its first token, compile cache warm (cold: empty).",
+        "and to its first token, compile cache warm (cold: empty). Every repetition has "
+        "prompts of its own, so no engine serves one from a prefix cache.",
         "",
         "| engine | precision | decode tok/s | ITL p50 / p99 ms | TTFT ms | output tok/s | "
         "total tok/s | ready s | first token s | cold first token s | peak RSS MiB |",
