@@ -192,19 +192,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> [T, Hq, D]."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
-    kernel = meta.decode_kernel if nd > 0 and kv_cache.dtype == torch.float32 and \
-        kv_cache.device.type == "cpu" and kv_cache.is_contiguous() else None
-    # The kernel writes the decodes' keys and values itself: two index_copy_ calls of a few
-    # dozen rows took longer here than the copy inside the kernel's loop.
-    written = nd if kernel is not None else 0
-    if q.shape[0] > written:
-        write_kv(kv_cache, k[written:], v[written:], meta.slot_mapping[written:])
     outputs = []
-    if kernel is not None:
-        outputs.append(kernel(q[:nd], k[:nd], v[:nd], kv_cache, meta.slot_mapping[:nd],
-                              meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                              sliding_window or 0))
+    if nd > 0 and meta.decode_kernel is not None and kv_cache.dtype == torch.float32 and \
+            kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
+        outputs.append(meta.decode_kernel(q[:nd], kv_cache, meta.block_tables[:nd],
+                                          meta.seq_lens[:nd], scale, sliding_window or 0))
     elif nd > 0:
         tables = meta.block_tables[:nd]
         mask = _shared(("decode", sliding_window), lambda: _group_mask(

@@ -83,15 +83,13 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
   }
 }
 
-// q [S, Hq, D]; k_new, v_new [S, Hkv, D], written to the caches at `slots` [S] before
-// attending; caches [num_blocks, block_size, Hkv, D]; block_tables [S, width]; seq_lens
-// [S] (each >= 1); out [S, Hq, D]. Query head h attends with key/value head h / (Hq / Hkv).
-// window > 0 keeps the last `window` positions only. Returns 1 if scratch memory could not
-// be allocated.
+// q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, width];
+// seq_lens [S] (each >= 1); out [S, Hq, D]. Query head h attends with key/value head
+// h / (Hq / Hkv). window > 0 keeps the last `window` positions only. Returns 1 if scratch
+// memory could not be allocated.
 extern "C" int kiln_decode_attention(
-    const float* q, const float* k_new, const float* v_new, const int64_t* slots,
-    float* k_cache, float* v_cache, const int64_t* block_tables, int64_t width,
-    const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads,
+    const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
+    int64_t width, const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads,
     int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t window,
     int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
@@ -116,13 +114,6 @@ extern "C" int kiln_decode_attention(
       const int64_t len = seq_lens[s];
       const int64_t start = window > 0 && len > window ? len - window : 0;
       const int64_t offset = s * num_heads * head_dim;
-      // The item's own heads of the new token, where the loop below reads them.
-      const int64_t row = num_kv_heads * head_dim, from = s * row + h0 * head_dim;
-      const int64_t to = slots[s] * row + h0 * head_dim;
-      for (int64_t j = 0; j < (h1 - h0) * head_dim; ++j) {
-        k_cache[to + j] = k_new[from + j];
-        v_cache[to + j] = v_new[from + j];
-      }
       auto run = [&](auto kernel) {
         kernel(q + offset, k_cache, v_cache, block_tables + s * width, start, len - start,
                block_size, num_kv_heads, h0, h1, group, head_dim, scale, scores,
@@ -177,8 +168,8 @@ def _build(build_dir: Path) -> Path:
     return library
 
 
-DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor, torch.Tensor, float, int], torch.Tensor]
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int],
+                        torch.Tensor]
 
 
 def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
@@ -193,26 +184,24 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         return None
     fn = library.kiln_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64,
-                   _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int]
+    fn.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
+                   ctypes.c_float, _I64, ctypes.c_int]
 
-    def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         kv_cache: torch.Tensor, slots: torch.Tensor,
-                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         sliding_window: int) -> torch.Tensor:
-        """q: [S, Hq, D] float32, one query per sequence; k/v: [S, Hkv, D], its new key and
-        value, written into kv_cache ([2, num_blocks, block_size, Hkv, D]) at `slots` [S];
-        block_tables: [S, width] and seq_lens: [S], int64 -> [S, Hq, D]."""
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        slots, tables, lens = slots.contiguous(), block_tables.contiguous(), \
-            seq_lens.contiguous()
+    def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, scale: float, sliding_window: int
+                         ) -> torch.Tensor:
+        """q: [S, Hq, D] float32, one query per sequence; kv_cache: [2, num_blocks,
+        block_size, Hkv, D]; block_tables: [S, width] and seq_lens: [S], int64 ->
+        [S, Hq, D]."""
+        q = q.contiguous()
+        tables = block_tables.contiguous()
+        lens = seq_lens.contiguous()
         out = torch.empty_like(q)
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-        failed = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), slots.data_ptr(),
-                    kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(),
-                    tables.shape[1], lens.data_ptr(), out.data_ptr(), q.shape[0], q.shape[1],
-                    num_kv_heads, head_dim, block_size, scale, sliding_window,
-                    torch.get_num_threads())
+        failed = fn(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(),
+                    q.shape[0], q.shape[1], num_kv_heads, head_dim, block_size, scale,
+                    sliding_window, torch.get_num_threads())
         if failed:
             raise MemoryError("decode attention could not allocate its scratch memory")
         return out
