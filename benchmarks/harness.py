@@ -201,8 +201,10 @@ def bench_prompts(folder: Path, vocab: int, repeats: int, prompts_file: str | No
         from kiln.runtime.tokenizer import Tokenizer
 
         encode = Tokenizer(str(folder)).encode
+        # One read of the file: the latency prompts are its first lines, as a read of
+        # `repeats` prompts would give.
         every = jsonl_prompts(prompts_file, encode, batch * repeats)
-        return {"latency": jsonl_prompts(prompts_file, encode, repeats),
+        return {"latency": every[:repeats],
                 "throughput": [every[r * batch:(r + 1) * batch] for r in range(repeats)]}
     return {"latency": synthetic_prompts(repeats, WORKLOADS["latency"].prompt_len, vocab,
                                          seed=0),
@@ -218,8 +220,9 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     vocab = config["vocab_size"]
     prompts = bench_prompts(folder, vocab, repeats, prompts_file)
-    latency, throughput = prompts["latency"], prompts["throughput"]
-    max_len = max(len(p) for p in latency + sum(throughput, [])) + 128 + 16
+    latency = prompts["latency"]
+    throughput = [p for batch in prompts["throughput"] for p in batch]
+    max_len = max(len(p) for p in latency + throughput) + 128 + 16
     log("measuring the machine: memory bandwidth and matmul peak")
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -232,7 +235,7 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
         "workloads": {w: WORKLOADS[w].to_dict() for w in workloads},
         "prompts": {"source": prompts_file or "synthetic (seeded)",
                     "latency_len": len(latency[0]),
-                    "throughput_lens": sorted({len(p) for p in sum(throughput, [])})},
+                    "throughput_lens": sorted({len(p) for p in throughput})},
         "engines": {}, "skipped": {},
     }
     for i, name in enumerate(engine_names, 1):
