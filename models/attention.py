@@ -132,6 +132,11 @@ def paged_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     come back as zeros. `sliding_window` 0 means none."""
     meta = current_metadata()
     num_tokens = meta.slot_mapping.shape[0]
+    if num_tokens == meta.num_decodes and _kernel_applies(meta, kv_cache):
+        # A decode-only step: one kernel call writes, attends and zeroes the padded rows.
+        return meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, num_tokens,
+                                  meta.block_tables, meta.seq_lens, num_tokens, q.shape[0],
+                                  scale, sliding_window)
     out = paged_attention(q[:num_tokens], k[:num_tokens], v[:num_tokens], kv_cache, meta,
                           scale, sliding_window or None)
     if num_tokens == q.shape[0]:
@@ -188,17 +193,26 @@ SPLIT_OPS = {"kiln.paged_attention": paged_attention_step,
              "kiln.encoder_attention": encoder_attention_step}
 
 
+def _kernel_applies(meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
+    return meta.decode_kernel is not None and kv_cache.dtype == torch.float32 and \
+        kv_cache.device.type == "cpu" and kv_cache.is_contiguous()
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> [T, Hq, D]."""
-    write_kv(kv_cache, k, v, meta.slot_mapping)
     nd = meta.num_decodes
+    kernel = _kernel_applies(meta, kv_cache)
+    if kernel and nd == q.shape[0]:
+        return meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, nd, meta.block_tables,
+                                  meta.seq_lens, nd, nd, scale, sliding_window or 0)
+    write_kv(kv_cache, k, v, meta.slot_mapping)
     outputs = []
-    if nd > 0 and meta.decode_kernel is not None and kv_cache.dtype == torch.float32 and \
-            kv_cache.device.type == "cpu" and kv_cache.is_contiguous():
-        outputs.append(meta.decode_kernel(q[:nd], kv_cache, meta.block_tables[:nd],
-                                          meta.seq_lens[:nd], scale, sliding_window or 0))
+    if nd > 0 and kernel:
+        outputs.append(meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, 0,
+                                          meta.block_tables, meta.seq_lens, nd, nd, scale,
+                                          sliding_window or 0))
     elif nd > 0:
         tables = meta.block_tables[:nd]
         mask = _shared(("decode", sliding_window), lambda: _group_mask(

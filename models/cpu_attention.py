@@ -30,6 +30,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 // Key/value heads [h0, h1) of one sequence, with the `group` query heads that share each,
 // over positions [start, start + n). Reading every head of a position together walks each
@@ -83,16 +84,30 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
   }
 }
 
-// q [S, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [S, width];
-// seq_lens [S] (each >= 1); out [S, Hq, D]. Query head h attends with key/value head
-// h / (Hq / Hkv). window > 0 keeps the last `window` positions only. Returns 1 if scratch
-// memory could not be allocated.
+// First writes the new keys and values of `num_writes` tokens (rows of k_new and v_new,
+// each [Hkv, D] contiguous) into their cache slots, all of them before any sequence attends,
+// so a slot shared by several rows (the sink slot of padding) never races with a read.
+// Then attends: q rows [S, Hq, D] (heads contiguous, rows q_stride apart); caches
+// [num_blocks, block_size, Hkv, D]; block_tables [S, width]; seq_lens [S] (each >= 1);
+// out [num_rows, Hq, D] contiguous, rows from S on zeroed. Query head h attends with
+// key/value head h / (Hq / Hkv). window > 0 keeps the last `window` positions only.
+// Returns 1 if scratch memory could not be allocated.
 extern "C" int kiln_decode_attention(
-    const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
-    int64_t width, const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_heads,
-    int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int64_t window,
-    int num_threads) {
+    const float* q, int64_t q_stride, const float* k_new, int64_t k_stride,
+    const float* v_new, int64_t v_stride, const int64_t* slots, int64_t num_writes,
+    float* k_cache, float* v_cache, const int64_t* block_tables, int64_t width,
+    const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_rows,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    float scale, int64_t window, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
+  const int64_t slot_size = num_kv_heads * head_dim;
+  for (int64_t t = 0; t < num_writes; ++t) {
+    const size_t bytes = sizeof(float) * slot_size;
+    std::memcpy(k_cache + slots[t] * slot_size, k_new + t * k_stride, bytes);
+    std::memcpy(v_cache + slots[t] * slot_size, v_new + t * v_stride, bytes);
+  }
+  std::memset(out + num_seqs * num_heads * head_dim, 0,
+              sizeof(float) * (num_rows - num_seqs) * num_heads * head_dim);
   // A work item is a sequence with all its heads; split the heads across threads only
   // when there are fewer sequences than threads.
   const int64_t splits = num_seqs < num_threads ? num_kv_heads : 1;
@@ -113,11 +128,10 @@ extern "C" int kiln_decode_attention(
       const int64_t h1 = (item % splits + 1) * num_kv_heads / splits;
       const int64_t len = seq_lens[s];
       const int64_t start = window > 0 && len > window ? len - window : 0;
-      const int64_t offset = s * num_heads * head_dim;
       auto run = [&](auto kernel) {
-        kernel(q + offset, k_cache, v_cache, block_tables + s * width, start, len - start,
-               block_size, num_kv_heads, h0, h1, group, head_dim, scale, scores,
-               out + offset);
+        kernel(q + s * q_stride, k_cache, v_cache, block_tables + s * width, start,
+               len - start, block_size, num_kv_heads, h0, h1, group, head_dim, scale, scores,
+               out + s * num_heads * head_dim);
       };
       switch (head_dim) {
         case 64: run(attend<64>); break;
@@ -168,8 +182,13 @@ def _build(build_dir: Path) -> Path:
     return library
 
 
-DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int],
-                        torch.Tensor]
+DecodeKernel = Callable[..., torch.Tensor]  # see `decode_attention` below
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] laid out as the kernel reads it: each row's heads contiguous, rows
+    `x.stride(0)` apart (the projections' outputs usually are already)."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
@@ -184,24 +203,32 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         return None
     fn = library.kiln_decode_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64,
-                   ctypes.c_float, _I64, ctypes.c_int]
+    fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR,
+                   _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int]
 
-    def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                         seq_lens: torch.Tensor, scale: float, sliding_window: int
-                         ) -> torch.Tensor:
-        """q: [S, Hq, D] float32, one query per sequence; kv_cache: [2, num_blocks,
-        block_size, Hkv, D]; block_tables: [S, width] and seq_lens: [S], int64 ->
-        [S, Hq, D]."""
-        q = q.contiguous()
-        tables = block_tables.contiguous()
-        lens = seq_lens.contiguous()
-        out = torch.empty_like(q)
+    def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_writes: int,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int,
+                         num_rows: int, scale: float, sliding_window: int) -> torch.Tensor:
+        """Write the first `num_writes` rows of k/v [T, Hkv, D] to their slots, then attend
+        with the first `num_seqs` rows of q [T, Hq, D], one query per sequence: kv_cache
+        [2, num_blocks, block_size, Hkv, D] contiguous float32; block_tables [S', width] and
+        seq_lens [S'] contiguous int64, their first `num_seqs` rows those sequences' ->
+        [num_rows, Hq, D], rows from `num_seqs` on zero.
+
+        A decode step runs one of these per layer with the weights streaming through the
+        caches in between, so every torch call here costs 10-20 us: hence pointers and
+        strides rather than slices and copies."""
+        q, k, v = _rows(q), _rows(k), _rows(v)
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-        failed = fn(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-                    tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(),
-                    q.shape[0], q.shape[1], num_kv_heads, head_dim, block_size, scale,
-                    sliding_window, torch.get_num_threads())
+        out = q.new_empty((num_rows, q.shape[1], head_dim))
+        k_cache = kv_cache.data_ptr()
+        failed = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
+                    v.stride(0), slot_mapping.data_ptr(),
+                    num_writes, k_cache, k_cache + kv_cache.stride(0) * kv_cache.element_size(),
+                    block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
+                    out.data_ptr(), num_seqs, num_rows, q.shape[1], num_kv_heads, head_dim,
+                    block_size, scale, sliding_window, torch.get_num_threads())
         if failed:
             raise MemoryError("decode attention could not allocate its scratch memory")
         return out

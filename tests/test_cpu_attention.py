@@ -4,7 +4,12 @@ blocks are scattered and sequences whose lengths end mid-block."""
 import pytest
 import torch
 
-from kiln.models.attention import AttentionMetadata, paged_attention
+from kiln.models.attention import (
+    AttentionMetadata,
+    attention_context,
+    paged_attention,
+    paged_attention_step,
+)
 from kiln.models.cpu_attention import load_decode_kernel
 
 
@@ -54,10 +59,30 @@ def _batch(seq_lens: list[int], num_prefill_tokens: int, num_heads: int, num_kv_
 def test_kernel_matches_torch_path(kernel, num_heads, num_kv_heads, head_dim, sliding_window):
     q, k, v, cache, meta = _batch([1, 3, 4, 9, 17], 0, num_heads, num_kv_heads, head_dim)
     scale = head_dim**-0.5
-    expected = paged_attention(q, k, v, cache.clone(), meta, scale, sliding_window)
+    expected_cache = cache.clone()
+    expected = paged_attention(q, k, v, expected_cache, meta, scale, sliding_window)
     meta.decode_kernel = kernel
     got = paged_attention(q, k, v, cache, meta, scale, sliding_window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache, expected_cache)  # the kernel wrote the new keys and values
+
+
+def test_padded_decode_step_with_strided_inputs(kernel):
+    """A decode-only step padded to a compiled size, its q/k/v slices of one projection
+    output (rows farther apart than their heads) as compiled layers hand them over: the
+    kernel reads them in place, writes only the real tokens and returns zero padded rows."""
+    q, k, v, cache, meta = _batch([2, 5, 11], 0, 6, 2, 16, seed=2)
+    qkv = torch.cat([x.flatten(1) for x in (q, k, v)], dim=1)
+    qkv = torch.cat([qkv, torch.randn(2, qkv.shape[1])])  # two padding rows
+    q, k, v = (part.unflatten(1, (-1, 16)) for part in qkv.split([96, 32, 32], dim=1))
+    expected_cache = cache.clone()
+    expected = paged_attention(q[:3], k[:3], v[:3], expected_cache, meta, 0.25)
+    meta.decode_kernel = kernel
+    with attention_context(meta):
+        got = paged_attention_step(q, k, v, cache, 0.25, 0)
+    torch.testing.assert_close(got[:3], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[3:], torch.zeros(2, 6, 16))
+    assert torch.equal(cache, expected_cache)
 
 
 def test_kernel_in_a_batch_with_a_prefill_and_one_thread(kernel):
