@@ -8,6 +8,10 @@ for each sequence it scores every query head against the keys, takes the softmax
 the values, reading each cached key and value once (1.0 ms for the same batch, about the
 memory bandwidth here).
 
+In a decode-only step the same call first writes the step's new keys and values into their
+slots and zero-fills the padded rows: with every weight streaming through the caches
+between layers, each separate torch call (index_copy_, slices, cat) costs 10-20 us here.
+
 It is built on first use with g++ (Inductor's compiler on CPU), kept in a build directory
 keyed by its source, flags and this CPU, and called through ctypes (no torch headers to
 compile: under a second here). Without a working compiler the torch path runs instead."""
