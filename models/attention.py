@@ -127,21 +127,9 @@ def _shared(key, compute):
 def paged_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: torch.Tensor, scale: float, sliding_window: int
                          ) -> torch.Tensor:
-    """q: [T', Hq, D], k/v: [T', Hkv, D] -> [T', Hq, D]. T' may exceed the step's real token
-    count (padding up to a compiled size): padded rows are neither written nor attended, and
-    come back as zeros. `sliding_window` 0 means none."""
-    meta = current_metadata()
-    num_tokens = meta.slot_mapping.shape[0]
-    if num_tokens == meta.num_decodes and _kernel_applies(meta, kv_cache):
-        # A decode-only step: one kernel call writes, attends and zeroes the padded rows.
-        return meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, num_tokens,
-                                  meta.block_tables, meta.seq_lens, num_tokens, q.shape[0],
-                                  scale, sliding_window)
-    out = paged_attention(q[:num_tokens], k[:num_tokens], v[:num_tokens], kv_cache, meta,
-                          scale, sliding_window or None)
-    if num_tokens == q.shape[0]:
-        return out
-    return torch.cat([out, out.new_zeros(q.shape[0] - num_tokens, *out.shape[1:])])
+    """`paged_attention` with the metadata of the step running; `sliding_window` 0 means
+    none."""
+    return paged_attention(q, k, v, kv_cache, current_metadata(), scale, sliding_window or None)
 
 
 paged_attention_op = torch.library.custom_op(
@@ -201,12 +189,17 @@ def _kernel_applies(meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D] for the new tokens -> [T, Hq, D]."""
-    nd = meta.num_decodes
+    """q: [T', Hq, D], k/v: [T', Hkv, D] -> [T', Hq, D]. T' may exceed the step's T new
+    tokens (padding up to a compiled size): padded rows are neither written nor attended,
+    and come back as zeros."""
+    num_tokens, nd = meta.slot_mapping.shape[0], meta.num_decodes
     kernel = _kernel_applies(meta, kv_cache)
-    if kernel and nd == q.shape[0]:
+    if kernel and nd == num_tokens:
+        # A decode-only step: one kernel call writes, attends and zeroes the padded rows.
         return meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, nd, meta.block_tables,
-                                  meta.seq_lens, nd, nd, scale, sliding_window or 0)
+                                  meta.seq_lens, nd, q.shape[0], scale, sliding_window or 0)
+    num_padded = q.shape[0] - num_tokens
+    q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
     write_kv(kv_cache, k, v, meta.slot_mapping)
     outputs = []
     if nd > 0 and kernel:
@@ -230,6 +223,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         padded[rows, cols] = q[nd:]
         out = _attend_group(padded, kv_cache, tables, mask, scale)
         outputs.append(out[rows, cols])
+    if num_padded:
+        outputs.append(q.new_zeros(num_padded, *q.shape[1:]))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

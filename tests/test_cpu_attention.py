@@ -115,3 +115,18 @@ def test_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(cpu_attention, "_COMPILER", str(tmp_path / "no-such-compiler"))
     assert cpu_attention.load_decode_kernel(tmp_path) is None
     assert "torch path" in caplog.text
+
+
+@pytest.mark.parametrize("num_prefill_tokens", [0, 5])
+def test_padded_rows_on_the_torch_path(num_prefill_tokens):
+    """Without the kernel (here: a bfloat16 cache) padded rows are neither written nor
+    attended either, and come back as zeros."""
+    q, k, v, cache, meta = _batch([2, 5, 11], num_prefill_tokens, 6, 2, 16, seed=3)
+    q, k, v, cache = (x.to(torch.bfloat16) for x in (q, k, v, cache))
+    expected_cache = cache.clone()
+    expected = paged_attention(q, k, v, expected_cache, meta, 0.25)
+    q, k, v = (torch.cat([x, torch.randn(2, *x.shape[1:]).to(x.dtype)]) for x in (q, k, v))
+    got = paged_attention(q, k, v, cache, meta, 0.25)
+    assert torch.equal(got[:-2], expected)
+    assert torch.equal(got[-2:], torch.zeros_like(got[-2:]))
+    assert torch.equal(cache, expected_cache)
