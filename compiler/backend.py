@@ -30,17 +30,23 @@ from . import passes as passes_module
 from .cache import CompileCache
 from .config import CompilationConfig
 from .inductor import builds_in, compile_piece, graph_input_sources
-from .passes import linear_as_weight_times_input, single_token_linear_as_reduction
+from .passes import (
+    SINGLE_TOKEN_INDUCTOR_OPTIONS,
+    linear_as_weight_times_input,
+    single_token_linear_as_reduction,
+)
 
 # The passes' code is part of every key: editing a pass must not load what the old one built.
 _PASSES_SOURCE = hashlib.sha256(Path(passes_module.__file__).read_bytes()).hexdigest()
 
-# kiln's passes: name -> (whether it applies to a piece compiled for this many tokens, pass).
+# kiln's passes: name -> (whether it applies to a piece compiled for this many tokens, pass,
+# Inductor settings for the pieces it applies to; the user's inductor_options win).
 PASSES = {
     "single_token_linear_as_reduction": (lambda size: size == 1,
-                                         single_token_linear_as_reduction),
+                                         single_token_linear_as_reduction,
+                                         SINGLE_TOKEN_INDUCTOR_OPTIONS),
     "linear_as_weight_times_input": (lambda size: 1 < size <= 256,
-                                     linear_as_weight_times_input),
+                                     linear_as_weight_times_input, {}),
 }
 
 logger = logging.getLogger("kiln")
@@ -320,8 +326,14 @@ class KilnBackend:
         return gm
 
     def _passes(self, size: int) -> list[str]:
-        return [name for name, (applies, _) in PASSES.items()
+        return [name for name, (applies, _, _) in PASSES.items()
                 if name in self.config.passes and applies(size)]
+
+    def _inductor_options(self, size: int) -> dict:
+        options = {}
+        for name in self._passes(size):
+            options.update(PASSES[name][2])
+        return {**options, **self.config.inductor_config()}
 
     def _ranges(self, sizes: list[int]) -> dict[int, tuple[int, int]]:
         """size -> the run of sizes above 1 with the same passes that it belongs to: one
@@ -362,7 +374,7 @@ class KilnBackend:
         if key is None:
             shapes = _signature(args, piece.info.token_sized if span else None)
             key = piece.info.keys[size] = hashlib.sha256(
-                f"{self.cache_salt}|{self.config.inductor_config()}|{self._passes(size)}|"
+                f"{self.cache_salt}|{self._inductor_options(size)}|{self._passes(size)}|"
                 f"{_PASSES_SOURCE}|{piece.info.structure}|{shapes}|{span}".encode()
             ).hexdigest()[:32]
         return key
@@ -394,7 +406,7 @@ class KilnBackend:
                                    f"missing while kiln ran; start again to rebuild it")
             else:
                 artifact = compile_piece(self._rewritten(piece.gm, size), args,
-                                         self.config.inductor_config(),
+                                         self._inductor_options(size),
                                          dynamic=self._dynamic_range(piece, size) is not None)
                 self.counters.num_compiles += 1
                 if self.cache is not None:

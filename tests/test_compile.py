@@ -223,6 +223,24 @@ def test_inductor_options_reach_inductor(tiny_llama, tmp_path, reference):
     assert [o.outputs[0].token_ids for o in outs] == expected[:2]
 
 
+def test_single_token_pieces_get_the_pass_inductor_settings():
+    """Pieces compiled for one token get the single-token pass's Inductor settings (in their
+    cache keys too); larger ones do not; the user's inductor_options win over them."""
+    from kiln.compiler.backend import KilnBackend
+    from kiln.compiler.config import CompilationConfig
+    from kiln.compiler.passes import SINGLE_TOKEN_INDUCTOR_OPTIONS
+
+    def options(user: dict, size: int) -> dict:
+        config = CompilationConfig(inductor_options=user).for_device("cpu")
+        return KilnBackend(config, None, [1, 32], "salt")._inductor_options(size)
+
+    name, value = next(iter(SINGLE_TOKEN_INDUCTOR_OPTIONS.items()))
+    assert options({}, 1)[name] == value
+    assert name not in options({}, 32)
+    assert options({name: value + 3}, 1)[name] == value + 3
+    assert options({"size_asserts": False}, 32) == {"size_asserts": False}
+
+
 def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
     """On a one-token layer graph the pass leaves no BLAS call, only reductions."""
     from kiln.compiler.passes import single_token_linear_as_reduction
