@@ -37,14 +37,16 @@ SOURCE = r"""
 #include <cstring>
 
 // Key/value heads [h0, h1) of one sequence, with the `group` query heads that share each,
-// over positions [start, start + n). Reading every head of a position together walks each
-// cached token's row once. kDim > 0 fixes the head size at compile time (unrolled,
-// vectorised loops); 0 takes it from `dim`.
+// over positions [start, start + n), n >= 1. Reading every head of a position together walks
+// each cached token's row once. kDim > 0 fixes the head size at compile time (unrolled,
+// vectorised loops); 0 takes it from `dim`. With `stats`, the output is left unnormalised
+// and each query head's largest score and sum of exponentials go to stats[2r], stats[2r+1]
+// (one part of a sequence split over positions, merged by `merge_parts`).
 template <int kDim>
 static void attend(const float* q, const float* k_cache, const float* v_cache,
                    const int64_t* table, int64_t start, int64_t n, int64_t block_size,
                    int64_t num_kv_heads, int64_t h0, int64_t h1, int64_t group, int64_t dim,
-                   float scale, float* scores, float* out) {
+                   float scale, float* scores, float* out, float* stats) {
   const int64_t d_len = kDim > 0 ? kDim : dim;
   const int64_t slot = num_kv_heads * d_len;  // floats per cached token
   const int64_t rows = (h1 - h0) * group;     // query heads of this item
@@ -73,6 +75,11 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
       sc[i] = std::exp(sc[i] - top);
       sum += sc[i];
     }
+    if (stats != nullptr) {
+      stats[2 * (h0 * group + r)] = top;
+      stats[2 * (h0 * group + r) + 1] = sum;
+      continue;
+    }
     const float inv = 1.f / sum;
     for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
   }
@@ -86,6 +93,31 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
       for (int64_t d = 0; d < d_len; ++d) a[d] += p * vr[d];
     }
   }
+}
+
+// Combines the `parts` unnormalised outputs of query head r of one sequence (each part
+// [Hq, D], its stats as `attend` writes them; a part with no positions is skipped) into out.
+static void merge_parts(const float* partial, const float* stats, const int64_t* counts,
+                        int64_t parts, int64_t r, int64_t num_heads, int64_t dim, float* out) {
+  float top = 0.f;
+  bool any = false;
+  for (int64_t p = 0; p < parts; ++p) {
+    const float m = stats[(p * num_heads + r) * 2];
+    if (counts[p] > 0 && (!any || m > top)) top = m;
+    any = any || counts[p] > 0;
+  }
+  float* o = out + r * dim;
+  for (int64_t d = 0; d < dim; ++d) o[d] = 0.f;
+  float total = 0.f;
+  for (int64_t p = 0; p < parts; ++p) {
+    if (counts[p] == 0) continue;
+    const float w = std::exp(stats[(p * num_heads + r) * 2] - top);
+    total += w * stats[(p * num_heads + r) * 2 + 1];
+    const float* part = partial + (p * num_heads + r) * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] += w * part[d];
+  }
+  const float inv = 1.f / total;
+  for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
 }
 
 // First writes the new keys and values of `num_writes` tokens (rows of k_new and v_new,
@@ -112,9 +144,26 @@ extern "C" int kiln_decode_attention(
   }
   std::memset(out + num_seqs * num_heads * head_dim, 0,
               sizeof(float) * (num_rows - num_seqs) * num_heads * head_dim);
-  // A work item is a sequence with all its heads; split the heads across threads only
-  // when there are fewer sequences than threads.
-  const int64_t splits = num_seqs < num_threads ? num_kv_heads : 1;
+  // A work item is a sequence with all its heads. With fewer sequences than threads (batch-1
+  // decode), each sequence is split instead into one part per thread over its positions,
+  // whose partial outputs are then merged: every thread reads an equal share of the cache
+  // (splitting by heads would give one thread 2 of SmolLM2's 3 key/value heads).
+  const int64_t parts = num_seqs > 0 && num_seqs < num_threads ? num_threads : 1;
+  const int64_t head_floats = num_heads * head_dim;
+  float* partial = nullptr;
+  float* stats = nullptr;
+  int64_t* counts = nullptr;
+  if (parts > 1) {
+    partial = static_cast<float*>(std::malloc(sizeof(float) * num_seqs * parts * head_floats));
+    stats = static_cast<float*>(std::malloc(sizeof(float) * num_seqs * parts * num_heads * 2));
+    counts = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * num_seqs * parts));
+    if (partial == nullptr || stats == nullptr || counts == nullptr) {
+      std::free(partial);
+      std::free(stats);
+      std::free(counts);
+      return 1;
+    }
+  }
   int failed = 0;
 #pragma omp parallel num_threads(num_threads)
   {
@@ -125,17 +174,20 @@ extern "C" int kiln_decode_attention(
       failed = 1;
     }
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < num_seqs * splits; ++item) {
-      if (scores == nullptr) continue;
-      const int64_t s = item / splits;
-      const int64_t h0 = item % splits * num_kv_heads / splits;
-      const int64_t h1 = (item % splits + 1) * num_kv_heads / splits;
+    for (int64_t item = 0; item < num_seqs * parts; ++item) {
+      const int64_t s = item / parts, p = item % parts;
       const int64_t len = seq_lens[s];
-      const int64_t start = window > 0 && len > window ? len - window : 0;
+      const int64_t first = window > 0 && len > window ? len - window : 0;
+      const int64_t start = first + (len - first) * p / parts;
+      const int64_t n = first + (len - first) * (p + 1) / parts - start;
+      float* dest = parts > 1 ? partial + item * head_floats : out + s * head_floats;
+      float* item_stats = parts > 1 ? stats + item * num_heads * 2 : nullptr;
+      if (parts > 1) counts[item] = n;
+      if (scores == nullptr || n == 0) continue;
       auto run = [&](auto kernel) {
-        kernel(q + s * q_stride, k_cache, v_cache, block_tables + s * width, start,
-               len - start, block_size, num_kv_heads, h0, h1, group, head_dim, scale, scores,
-               out + s * num_heads * head_dim);
+        kernel(q + s * q_stride, k_cache, v_cache, block_tables + s * width, start, n,
+               block_size, num_kv_heads, 0, num_kv_heads, group, head_dim, scale, scores,
+               dest, item_stats);
       };
       switch (head_dim) {
         case 64: run(attend<64>); break;
@@ -143,8 +195,19 @@ extern "C" int kiln_decode_attention(
         default: run(attend<0>);
       }
     }
+    if (parts > 1) {
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < num_seqs * num_heads; ++item) {
+        const int64_t s = item / num_heads, r = item % num_heads;
+        merge_parts(partial + s * parts * head_floats, stats + s * parts * num_heads * 2,
+                    counts + s * parts, parts, r, num_heads, head_dim, out + s * head_floats);
+      }
+    }
     std::free(scores);
   }
+  std::free(partial);
+  std::free(stats);
+  std::free(counts);
   return failed;
 }
 """

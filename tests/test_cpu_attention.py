@@ -87,7 +87,8 @@ def test_padded_decode_step_with_strided_inputs(kernel):
 
 def test_kernel_in_a_batch_with_a_prefill_and_one_thread(kernel):
     """Decodes go through the kernel, the prefill chunk through the torch path, in one step;
-    with fewer sequences than threads the kernel splits heads across threads."""
+    with fewer sequences than threads the kernel splits each sequence's positions across
+    threads and merges the parts."""
     q, k, v, cache, meta = _batch([6, 13], 7, 6, 2, 32, seed=1)
     expected = paged_attention(q, k, v, cache.clone(), meta, 0.2)
     meta.decode_kernel = kernel
@@ -97,6 +98,27 @@ def test_kernel_in_a_batch_with_a_prefill_and_one_thread(kernel):
             torch.set_num_threads(n)
             got = paged_attention(q, k, v, cache.clone(), meta, 0.2)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [2], [37], [5, 70]])
+@pytest.mark.parametrize("sliding_window", [None, 9])
+def test_sequences_split_over_positions(kernel, seq_lens, sliding_window):
+    """Fewer sequences than threads: each is split into one part per thread (some parts
+    empty when a context is shorter than the thread count), the parts merged."""
+    q, k, v, cache, meta = _batch(seq_lens, 0, 9, 3, 64, seed=2)
+    expected_cache = cache.clone()
+    expected = paged_attention(q, k, v, expected_cache, meta, 0.125, sliding_window)
+    meta.decode_kernel = kernel
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 3, 8):
+            torch.set_num_threads(n)
+            got_cache = cache.clone()
+            got = paged_attention(q, k, v, got_cache, meta, 0.125, sliding_window)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got_cache, expected_cache)
     finally:
         torch.set_num_threads(threads)
 
