@@ -8,10 +8,11 @@ _LINEAR = (torch._C._nn.linear, F.linear)
 
 # Inductor settings for pieces the single-token pass rewrote. Inductor recomputes a
 # pointwise value inside each consumer's loop until it has read more than this many buffers
-# (8 by default): a normalized input x (residual, sum of squares, norm weight) would then be
-# recomputed for every weight row of the reduction that consumes it, tripling the loads of
-# its inner loop. At 2, x is computed once into a buffer: 1.4 ms of a 40 ms batch-1 decode
-# step of SmolLM2 here (interleaved A/B runs, both orders), greedy tokens unchanged.
+# (12 on CPU in torch 2.13): a normalized input x (residual, sum of squares, norm weight)
+# would then be recomputed for every weight row of the reduction that consumes it, tripling
+# the loads of its inner loop. At 2, x is computed once into a buffer: 1.4 ms of a 40 ms
+# batch-1 decode step of SmolLM2 here (interleaved A/B runs, both orders), greedy tokens
+# unchanged.
 SINGLE_TOKEN_INDUCTOR_OPTIONS = {"realize_acc_reads_threshold": 2}
 
 

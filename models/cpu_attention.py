@@ -36,8 +36,8 @@ SOURCE = r"""
 #include <cstdlib>
 #include <cstring>
 
-// Key/value heads [h0, h1) of one sequence, with the `group` query heads that share each,
-// over positions [start, start + n), n >= 1. Reading every head of a position together walks
+// Every head of one sequence (each key/value head shared by `group` query heads) over
+// positions [start, start + n), n >= 1. Reading every head of a position together walks
 // each cached token's row once. kDim > 0 fixes the head size at compile time (unrolled,
 // vectorised loops); 0 takes it from `dim`. With `stats`, the output is left unnormalised
 // and each query head's largest score and sum of exponentials go to stats[2r], stats[2r+1]
@@ -45,16 +45,13 @@ SOURCE = r"""
 template <int kDim>
 static void attend(const float* q, const float* k_cache, const float* v_cache,
                    const int64_t* table, int64_t start, int64_t n, int64_t block_size,
-                   int64_t num_kv_heads, int64_t h0, int64_t h1, int64_t group, int64_t dim,
-                   float scale, float* scores, float* out, float* stats) {
+                   int64_t num_kv_heads, int64_t group, int64_t dim, float scale,
+                   float* scores, float* out, float* stats) {
   const int64_t d_len = kDim > 0 ? kDim : dim;
   const int64_t slot = num_kv_heads * d_len;  // floats per cached token
-  const int64_t rows = (h1 - h0) * group;     // query heads of this item
-  q += h0 * group * d_len;
-  out += h0 * group * d_len;
+  const int64_t rows = num_kv_heads * group;  // query heads
   auto at = [&](const float* cache, int64_t pos) {
-    return cache + (table[pos / block_size] * block_size + pos % block_size) * slot +
-           h0 * d_len;
+    return cache + (table[pos / block_size] * block_size + pos % block_size) * slot;
   };
   for (int64_t i = 0; i < n; ++i) {
     const float* k = at(k_cache, start + i);
@@ -76,8 +73,8 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
       sum += sc[i];
     }
     if (stats != nullptr) {
-      stats[2 * (h0 * group + r)] = top;
-      stats[2 * (h0 * group + r) + 1] = sum;
+      stats[2 * r] = top;
+      stats[2 * r + 1] = sum;
       continue;
     }
     const float inv = 1.f / sum;
@@ -186,8 +183,7 @@ extern "C" int kiln_decode_attention(
       if (scores == nullptr || n == 0) continue;
       auto run = [&](auto kernel) {
         kernel(q + s * q_stride, k_cache, v_cache, block_tables + s * width, start, n,
-               block_size, num_kv_heads, 0, num_kv_heads, group, head_dim, scale, scores,
-               dest, item_stats);
+               block_size, num_kv_heads, group, head_dim, scale, scores, dest, item_stats);
       };
       switch (head_dim) {
         case 64: run(attend<64>); break;
