@@ -93,23 +93,23 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
 }
 
 // Combines the `parts` unnormalised outputs of query head r of one sequence (each part
-// [Hq, D], its stats as `attend` writes them; a part with no positions is skipped) into out.
-static void merge_parts(const float* partial, const float* stats, const int64_t* counts,
-                        int64_t parts, int64_t r, int64_t num_heads, int64_t dim, float* out) {
-  float top = 0.f;
-  bool any = false;
-  for (int64_t p = 0; p < parts; ++p) {
+// [Hq, D], its stats as `attend` writes them; a part with no positions has a sum of 0 and
+// a largest score below any real one, and is skipped) into out.
+static void merge_parts(const float* partial, const float* stats, int64_t parts, int64_t r,
+                        int64_t num_heads, int64_t dim, float* out) {
+  float top = stats[r * 2];
+  for (int64_t p = 1; p < parts; ++p) {
     const float m = stats[(p * num_heads + r) * 2];
-    if (counts[p] > 0 && (!any || m > top)) top = m;
-    any = any || counts[p] > 0;
+    top = m > top ? m : top;
   }
   float* o = out + r * dim;
   for (int64_t d = 0; d < dim; ++d) o[d] = 0.f;
   float total = 0.f;
   for (int64_t p = 0; p < parts; ++p) {
-    if (counts[p] == 0) continue;
-    const float w = std::exp(stats[(p * num_heads + r) * 2] - top);
-    total += w * stats[(p * num_heads + r) * 2 + 1];
+    const float* st = stats + (p * num_heads + r) * 2;
+    if (st[1] == 0.f) continue;
+    const float w = std::exp(st[0] - top);
+    total += w * st[1];
     const float* part = partial + (p * num_heads + r) * dim;
     for (int64_t d = 0; d < dim; ++d) o[d] += w * part[d];
   }
@@ -149,15 +149,12 @@ extern "C" int kiln_decode_attention(
   const int64_t head_floats = num_heads * head_dim;
   float* partial = nullptr;
   float* stats = nullptr;
-  int64_t* counts = nullptr;
   if (parts > 1) {
     partial = static_cast<float*>(std::malloc(sizeof(float) * num_seqs * parts * head_floats));
     stats = static_cast<float*>(std::malloc(sizeof(float) * num_seqs * parts * num_heads * 2));
-    counts = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * num_seqs * parts));
-    if (partial == nullptr || stats == nullptr || counts == nullptr) {
+    if (partial == nullptr || stats == nullptr) {
       std::free(partial);
       std::free(stats);
-      std::free(counts);
       return 1;
     }
   }
@@ -179,8 +176,14 @@ extern "C" int kiln_decode_attention(
       const int64_t n = first + (len - first) * (p + 1) / parts - start;
       float* dest = parts > 1 ? partial + item * head_floats : out + s * head_floats;
       float* item_stats = parts > 1 ? stats + item * num_heads * 2 : nullptr;
-      if (parts > 1) counts[item] = n;
-      if (scores == nullptr || n == 0) continue;
+      if (scores == nullptr) continue;
+      if (n == 0) {  // a part of a context shorter than the thread count
+        for (int64_t r = 0; r < num_heads; ++r) {
+          item_stats[2 * r] = -1e30f;
+          item_stats[2 * r + 1] = 0.f;
+        }
+        continue;
+      }
       auto run = [&](auto kernel) {
         kernel(q + s * q_stride, k_cache, v_cache, block_tables + s * width, start, n,
                block_size, num_kv_heads, group, head_dim, scale, scores, dest, item_stats);
@@ -195,15 +198,14 @@ extern "C" int kiln_decode_attention(
 #pragma omp for schedule(static)
       for (int64_t item = 0; item < num_seqs * num_heads; ++item) {
         const int64_t s = item / num_heads, r = item % num_heads;
-        merge_parts(partial + s * parts * head_floats, stats + s * parts * num_heads * 2,
-                    counts + s * parts, parts, r, num_heads, head_dim, out + s * head_floats);
+        merge_parts(partial + s * parts * head_floats, stats + s * parts * num_heads * 2, parts,
+                    r, num_heads, head_dim, out + s * head_floats);
       }
     }
     std::free(scores);
   }
   std::free(partial);
   std::free(stats);
-  std::free(counts);
   return failed;
 }
 """
