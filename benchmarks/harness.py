@@ -1,10 +1,19 @@
-"""`kiln bench`: run each engine in its own process, one at a time, on the same prompts, then
-summarise, compare with the machine's ceilings and write the reports.
+"""`kiln bench`: run each engine in its own process on the same prompts, never two at once,
+then summarise, compare with the machine's ceilings and write the reports.
 
-Order per engine: (kiln compiled only) a start with an empty compile cache; the main process
-running the latency and throughput workloads; then new processes for the warm start. Peers
-that are not installed are listed with the reason; `make bench-peers` installs vLLM's CPU
-build and llama-cpp-python into virtual environments of their own."""
+The engines take turns: each loads in a process of its own (one after another), then every
+repetition of a workload runs on each engine in turn before the next repetition starts, so
+a machine whose speed drifts during the run (a shared one does, by tens of per cent over
+half an hour here) moves every engine's samples alike and the ratios between engines stay
+fair. An engine that waited for its turn first serves an untimed two-token request: while
+it waited, the kernel may have paged out its file-backed memory (this machine's DAMON
+pages out file pages left untouched for a minute), and llama.cpp's weights are a mapped
+file (its first token took 1.1 s instead of 0.1 s after such a wait).
+
+Order: kiln compiled's start with an empty compile cache; the turns of the latency and
+throughput workloads; then, in turns again, new processes for the warm start. Peers that
+are not installed are listed with the reason; `make bench-peers` installs vLLM's CPU build
+and llama-cpp-python into virtual environments of their own."""
 
 import argparse
 import contextlib
@@ -135,42 +144,85 @@ def peer_version(spec: EngineSpec) -> str | None:
     return probe.stdout.strip() or None
 
 
-def run_worker(spec: EngineSpec, job: dict, label: str, log) -> dict:
-    """One process of `spec`'s Python running worker.py on `job`; returns its result with
-    `spawned`, the wall-clock time just before the process started."""
-    with tempfile.TemporaryDirectory() as tmp:
-        job = {**job, "family": spec.family, **spec.options,
-               "result_path": str(Path(tmp) / "result.json")}
-        job_path = Path(tmp) / "job.json"
+class Worker:
+    """A process of `spec`'s Python running worker.py on `job`, loaded and waiting for
+    commands. `started` holds its start times, `spawned` the wall-clock time just before the
+    process started."""
+
+    def __init__(self, spec: EngineSpec, job: dict):
+        self.name = spec.name
+        self.tmp = tempfile.TemporaryDirectory()
+        reply_read, reply_write = os.pipe()
+        job = {**job, "family": spec.family, **spec.options, "reply_fd": reply_write}
+        job_path = Path(self.tmp.name) / "job.json"
         job_path.write_text(json.dumps(job))
-        env = {**os.environ, **spec.env()}
-        spawned = time.time()
+        self.spawned = time.time()
         # A session of its own: engines that start helper processes (vLLM's engine core)
         # leave them behind when the worker exits; they are killed with the group.
-        proc = subprocess.Popen([spec.python, str(WORKER), str(job_path)], env=env,
-                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                start_new_session=True)
-        tail: list[str] = []
+        self.proc = subprocess.Popen(
+            [spec.python, str(WORKER), str(job_path)], env={**os.environ, **spec.env()},
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True, start_new_session=True, pass_fds=(reply_write,))
+        os.close(reply_write)
+        self.replies = os.fdopen(reply_read)
+        self.tail: list[str] = []
 
-        def follow():
-            for line in proc.stderr:
-                tail[:] = (tail + [line.rstrip()])[-30:]
-                if line.startswith(("latency ", "throughput ", "startup ")):
-                    log(f"{label}: {line.strip()}")
+        def follow():  # the last lines, to show if the process dies
+            for line in self.proc.stderr:
+                self.tail[:] = (self.tail + [line.rstrip()])[-30:]
 
-        reader = threading.Thread(target=follow, daemon=True)
-        reader.start()
-        proc.wait()
+        self.reader = threading.Thread(target=follow, daemon=True)
+        self.reader.start()
+        self.started = self._receive()
+
+    def _receive(self) -> dict:
+        line = self.replies.readline()
+        if not line:  # the process died
+            self.close()
+            raise RuntimeError(f"{self.name} failed (exit {self.proc.returncode}):\n" +
+                               "\n".join(self.tail))
+        return json.loads(line)
+
+    def ask(self, command: dict) -> dict:
+        with contextlib.suppress(BrokenPipeError):  # a dead process: _receive says so
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        return self._receive()
+
+    def finish(self) -> dict:
+        """What the process used over its life; it exits."""
+        end = self.ask({"finish": True})
+        self.close()
+        return end
+
+    def close(self) -> None:
+        """End the process (a finished one exits by itself; one interrupted in the middle of
+        a repetition is killed after a grace period) and its helpers. Once only: the
+        process id may belong to another process after that."""
+        if self.replies.closed:
+            return
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        reader.join(timeout=10)
-        result_path = Path(job["result_path"])
-        if proc.returncode or not result_path.is_file():
-            raise RuntimeError(f"{spec.name} failed (exit {proc.returncode}):\n" +
-                               "\n".join(tail))
-        result = json.loads(result_path.read_text())
-    result["spawned"] = spawned
-    return result
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.reader.join(timeout=10)
+        self.replies.close()
+        self.tmp.cleanup()
+
+
+def start_once(spec: EngineSpec, job: dict, label: str, log) -> dict:
+    """A new process of the engine, timed to ready and to its first token."""
+    log(label)
+    worker = Worker(spec, job)
+    try:
+        first = worker.ask({"workload": "startup", "rep": 0, "repeats": 1, "max_tokens": 1})
+        end = worker.finish()
+    finally:
+        worker.close()
+    return {**worker.started, "startup": [first["sample"]], **end, "spawned": worker.spawned}
 
 
 def model_files(model: str | None) -> tuple[Path, Path]:
@@ -193,10 +245,14 @@ def gguf_for(spec: EngineSpec, gguf: Path | None, work: Path) -> Path | None:
 
 
 def bench_prompts(folder: Path, vocab: int, repeats: int, prompts_file: str | None) -> dict:
-    """{"latency": one prompt per repetition, "throughput": one batch per repetition}, the
-    same for every engine. Each repetition has prompts of its own: a repeated prompt would
-    be served from the prefix cache of the engines that have one."""
+    """{"latency": one prompt per repetition, "throughput": one batch per repetition,
+    "warmup": the untimed request before each repetition}, the same for every engine. Each
+    repetition has prompts of its own: a repeated prompt would be served from the prefix
+    cache of the engines that have one."""
     batch = WORKLOADS["throughput"].num_prompts
+    # Shorter than a KV block, and its own tokens: it leaves nothing in a prefix cache that
+    # a timed prompt could use.
+    warmup = synthetic_prompts(1, 8, vocab, seed=1000)[0]
     if prompts_file:
         from kiln.runtime.tokenizer import Tokenizer
 
@@ -204,12 +260,13 @@ def bench_prompts(folder: Path, vocab: int, repeats: int, prompts_file: str | No
         # One read of the file: the latency prompts are its first lines, as a read of
         # `repeats` prompts would give.
         every = jsonl_prompts(prompts_file, encode, batch * repeats)
-        return {"latency": every[:repeats],
+        return {"latency": every[:repeats], "warmup": warmup,
                 "throughput": [every[r * batch:(r + 1) * batch] for r in range(repeats)]}
     return {"latency": synthetic_prompts(repeats, WORKLOADS["latency"].prompt_len, vocab,
                                          seed=0),
             "throughput": [synthetic_prompts(batch, WORKLOADS["throughput"].prompt_len, vocab,
-                                             seed=1 + r) for r in range(repeats)]}
+                                             seed=1 + r) for r in range(repeats)],
+            "warmup": warmup}
 
 
 def bench(workloads: list[str], engine_names: list[str], model: str | None, repeats: int,
@@ -238,6 +295,7 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
                     "throughput_lens": sorted({len(p) for p in throughput})},
         "engines": {}, "skipped": {},
     }
+    runs = []
     for i, name in enumerate(engine_names, 1):
         spec = ENGINES[name]
         why = spec.missing()
@@ -245,20 +303,18 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
             why = "llama.cpp needs a GGUF file; only the embedded default model has one"
         if why is None:
             why = unusable_precision(spec, report["roofline"]["matmul_flops"])
+        label = f"[{i}/{len(engine_names)}] {name}"
         if why is not None:
             report["skipped"][name] = why
-            log(f"[{i}/{len(engine_names)}] {name}: skipped ({why})")
+            log(f"{label}: skipped ({why})")
             continue
-        label = f"[{i}/{len(engine_names)}] {name}"
-        log(f"{label}: starting")
-        try:
-            report["engines"][name] = run_engine(spec, workloads, folder,
-                                                 gguf_for(spec, gguf, work), prompts, max_len,
-                                                 repeats, startup_repeats or repeats, work,
-                                                 label, log)
-        except RuntimeError as e:
-            report["skipped"][name] = f"failed: {str(e)[-1500:]}"
-            log(f"{label}: FAILED\n{e}")
+        engine_gguf = gguf_for(spec, gguf, work)
+        runs.append(EngineRun(spec, label, engine_job(spec, folder, engine_gguf, prompts,
+                                                      max_len, work)))
+        report["engines"][name] = {"precision": spec.precision, "version": peer_version(spec),
+                                   "raw": {}, "weight_bytes": engine_gguf.stat().st_size
+                                   if engine_gguf else None}
+    run_in_turns(runs, workloads, repeats, startup_repeats or repeats, report, log)
     shutil.rmtree(work, ignore_errors=True)
     write_reports(report, out_dir)
     return report
@@ -270,33 +326,103 @@ def _torch_dtype(kind: str):
     return {"f32": torch.float32, "bf16": torch.bfloat16}[kind]
 
 
-def run_engine(spec: EngineSpec, workloads: list[str], folder: Path, gguf: Path | None,
-               prompts: dict, max_len: int, repeats: int, startup_repeats: int, work: Path,
-               label: str, log) -> dict:
+@dataclass
+class EngineRun:
+    spec: EngineSpec
+    label: str
+    job: dict
+
+
+def engine_job(spec: EngineSpec, folder: Path, gguf: Path | None, prompts: dict, max_len: int,
+               work: Path) -> dict:
     dtype = spec.precision if spec.precision in ("float32", "bfloat16") else "float32"
-    base = {"model": str(folder), "gguf": str(gguf) if gguf else None, "dtype": dtype,
+    return {"model": str(folder), "gguf": str(gguf) if gguf else None, "dtype": dtype,
             "max_model_len": max_len, "prompts": prompts,
             "compile_cache": str(work / f"compile-{spec.name}")}
-    out = {"precision": spec.precision, "version": peer_version(spec), "raw": {},
-           "weight_bytes": gguf.stat().st_size if gguf else None}
-    compiled_kiln = spec.family == "kiln" and not spec.options.get("eager")
-    if "startup" in workloads and compiled_kiln:
-        log(f"{label}: startup with an empty compile cache")
-        cold = run_worker(spec, {**base, "workloads": {"startup": {"repeats": 1}}},
-                          label + " (cold)", log)
-        out["raw"]["startup_cold"] = cold
+
+
+def turn_order(runs: list, rep: int) -> list:
+    """The engines in the order they take repetition `rep`: rotated by one per repetition,
+    so no engine always runs right after the same one."""
+    shift = rep % len(runs) if runs else 0
+    return runs[shift:] + runs[:shift]
+
+
+def run_in_turns(runs: list[EngineRun], workloads: list[str], repeats: int,
+                 startup_repeats: int, report: dict, log) -> None:
+    """Fill report["engines"][name]["raw"] for every run; an engine that fails moves to
+    report["skipped"] with its error."""
+    def drop(run: EngineRun, error: RuntimeError) -> None:
+        runs.remove(run)
+        report["engines"].pop(run.spec.name)
+        report["skipped"][run.spec.name] = f"failed: {str(error)[-1500:]}"
+        log(f"{run.label}: FAILED\n{error}")
+
+    def raw(run: EngineRun) -> dict:
+        return report["engines"][run.spec.name]["raw"]
+
+    if "startup" in workloads:
+        for run in list(runs):
+            if run.spec.family == "kiln" and not run.spec.options.get("eager"):
+                try:
+                    raw(run)["startup_cold"] = start_once(
+                        run.spec, run.job, f"{run.label}: start with an empty compile cache",
+                        log)
+                except RuntimeError as e:
+                    drop(run, e)
     main = [w for w in ("latency", "throughput") if w in workloads or
             (w == "throughput" and "memory" in workloads)]
     if main:
-        job = {**base, "workloads": {w: {"repeats": repeats,
-                                         "max_tokens": WORKLOADS[w].max_tokens} for w in main}}
-        out["raw"]["main"] = run_worker(spec, job, label, log)
+        workers = {}
+        try:
+            for run in list(runs):
+                log(f"{run.label}: loading")
+                try:
+                    workers[run.spec.name] = Worker(run.spec, run.job)
+                except RuntimeError as e:
+                    drop(run, e)
+            results = {run.spec.name: {} for run in runs}
+            for rep in range(repeats):
+                for workload in main:
+                    for run in turn_order(runs, rep):
+                        result = results[run.spec.name]
+                        if workload in result.get("unsupported", {}):
+                            continue
+                        log(f"{run.label}: {workload} {rep + 1}/{repeats}")
+                        try:
+                            answer = workers[run.spec.name].ask(
+                                {"workload": workload, "rep": rep, "repeats": repeats,
+                                 "max_tokens": WORKLOADS[workload].max_tokens})
+                        except RuntimeError as e:
+                            workers.pop(run.spec.name)
+                            drop(run, e)
+                            continue
+                        if "unsupported" in answer:
+                            result.setdefault("unsupported", {})[workload] = \
+                                answer["unsupported"]
+                            continue
+                        result.setdefault(workload, []).append(answer["sample"])
+                        if rep == 0:  # greedy tokens, compared across engines
+                            result.setdefault("tokens", {})[workload] = answer["tokens"]
+            for run in list(runs):
+                worker = workers.pop(run.spec.name)
+                try:
+                    raw(run)["main"] = {**worker.started, **results[run.spec.name],
+                                        **worker.finish(), "spawned": worker.spawned}
+                except RuntimeError as e:
+                    drop(run, e)
+        finally:  # interrupted or failed: no engine process outlives the harness
+            for worker in workers.values():
+                worker.close()
     if "startup" in workloads:
-        out["raw"]["startup_warm"] = [
-            run_worker(spec, {**base, "workloads": {"startup": {"repeats": 1}}},
-                       f"{label} (start {r + 1}/{startup_repeats})", log)
-            for r in range(startup_repeats)]
-    return out
+        for r in range(startup_repeats):
+            for run in list(runs):
+                try:
+                    raw(run).setdefault("startup_warm", []).append(start_once(
+                        run.spec, run.job, f"{run.label}: start {r + 1}/{startup_repeats}",
+                        log))
+                except RuntimeError as e:
+                    drop(run, e)
 
 
 def write_reports(report: dict, out_dir: Path) -> None:

@@ -1,13 +1,15 @@
-"""One engine, in a process of its own: load it, run the job's workloads, write raw samples.
+"""One engine, in a process of its own: load it, then run the repetitions the harness asks
+for, one at a time, and report raw samples.
 
 The harness runs this file by path with the engine's own Python (vLLM and llama.cpp may live
 in virtual environments of their own), so it imports nothing from kiln at the top and each
-engine's library only inside its adapter. It reports raw timestamps; the harness does the
-statistics. Progress goes to stderr, one line per step."""
+engine's library only inside its adapter. Commands come as JSON lines on stdin; each reply
+is one JSON line on the file descriptor the job names (engines print to stdout and stderr
+themselves). It reports raw timestamps; the harness does the statistics. Progress goes to
+stderr, one line per repetition."""
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -166,54 +168,91 @@ ENGINES = {"kiln": KilnEngine, "transformers": TransformersEngine, "vllm": VllmE
            "llama.cpp": LlamaCppEngine}
 
 
-def run(job: dict) -> dict:
-    result = {"imported": time.time()}
-    engine = ENGINES[job["family"]](job)
-    result["ready"] = time.time()
-    result["compile_seconds"] = engine.compile_seconds
-    prompts = job["prompts"]
-    for name, spec in job["workloads"].items():
-        samples = []
-        try:
-            for rep in range(spec["repeats"]):
-                log(f"{name} {rep + 1}/{spec['repeats']}")
-                # Each repetition has prompts of its own: a repeated prompt would be served
-                # from the prefix cache of the engines that have one.
-                if name == "latency":
-                    start = time.perf_counter()
-                    times, tokens = engine.stream(prompts["latency"][rep], spec["max_tokens"])
-                    samples.append({"start": start, "token_times": times})
-                elif name == "startup":  # one token, timed from process start by the harness
-                    engine.stream(prompts["latency"][0], 1)
-                    samples.append({"first_token": time.time()})
-                else:
-                    batch = prompts["throughput"][rep]
-                    start = time.perf_counter()
-                    tokens = engine.batch(batch, spec["max_tokens"])
-                    samples.append({"seconds": time.perf_counter() - start,
-                                    "output_tokens": sum(map(len, tokens)),
-                                    "prompt_tokens": sum(map(len, batch))})
-                if rep == 0 and name != "startup":  # greedy tokens, compared across engines
-                    result.setdefault("tokens", {})[name] = tokens
-        except Unsupported as e:
-            result.setdefault("unsupported", {})[name] = str(e)
+def measure(engine, name: str, rep: int, max_tokens: int, prompts: dict) -> tuple[dict, list]:
+    """One repetition of workload `name`: its sample and the greedy tokens it produced. Each
+    repetition has prompts of its own: a repeated prompt would be served from the prefix
+    cache of the engines that have one. The timed work follows an untimed request that
+    brings back what the process lost while it waited (see harness.py)."""
+    if name != "startup":
+        engine.stream(prompts["warmup"], 2)
+    if name == "latency":
+        start = time.perf_counter()
+        times, tokens = engine.stream(prompts["latency"][rep], max_tokens)
+        return {"start": start, "token_times": times}, tokens
+    if name == "startup":  # one token, timed from process start by the harness
+        engine.stream(prompts["latency"][0], 1)
+        return {"first_token": time.time()}, []
+    batch = prompts["throughput"][rep]
+    start = time.perf_counter()
+    tokens = engine.batch(batch, max_tokens)
+    return {"seconds": time.perf_counter() - start, "output_tokens": sum(map(len, tokens)),
+            "prompt_tokens": sum(map(len, batch))}, tokens
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process and the helpers it started (vLLM runs its model
+    in an engine-core process), summed: every process of this session (the harness starts
+    each worker in a session of its own). Each process's own high-water mark (VmHWM), not
+    getrusage's: that one starts from the high-water mark of the process this one was
+    spawned from (the harness's, 1.2 GiB after its bandwidth measurement)."""
+    if not os.path.isdir("/proc"):  # not Linux: this process alone, as getrusage has it
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    session = os.getsid(0)
+    total = 0
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
             continue
-        result[name] = samples
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result["kv_blocks"] = engine.kv_blocks()
+        try:
+            stat = open(f"/proc/{proc}/stat").read()
+            if int(stat.rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            status = open(f"/proc/{proc}/status").read()
+        except (OSError, ValueError, IndexError):
+            continue  # gone, or not ours to read
+        total += next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                       if line.startswith("VmHWM:")), 0)
+    return total
+
+
+def serve(job: dict, commands, reply) -> None:
+    """Load the engine, reply with its start times, then answer each command
+    ({"workload", "rep", "max_tokens"}) with {"sample", "tokens"} or {"unsupported"}, until
+    {"finish": true}, answered with what the whole process used."""
+    imported = time.time()
+    engine = ENGINES[job["family"]](job)
+    reply({"imported": imported, "ready": time.time(),
+           "compile_seconds": engine.compile_seconds})
+    for line in commands:
+        command = json.loads(line)
+        if command.get("finish"):
+            break
+        name, rep = command["workload"], command["rep"]
+        log(f"{name} {rep + 1}/{command['repeats']}")
+        try:
+            sample, tokens = measure(engine, name, rep, command["max_tokens"], job["prompts"])
+        except Unsupported as e:
+            reply({"unsupported": str(e)})
+            continue
+        reply({"sample": sample, "tokens": tokens})
+    end = {"peak_rss_bytes": peak_rss_bytes(), "kv_blocks": engine.kv_blocks()}
     if isinstance(engine, KilnEngine):
-        result["compile_counters"] = {"ready": engine.counters_at_ready,
-                                      "end": engine.counters()}
+        end["compile_counters"] = {"ready": engine.counters_at_ready, "end": engine.counters()}
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
-        result["peak_gpu_bytes"] = sys.modules["torch"].cuda.max_memory_allocated()
-    return result
+        end["peak_gpu_bytes"] = sys.modules["torch"].cuda.max_memory_allocated()
+    reply(end)
 
 
 def main() -> int:
     job = json.loads(open(sys.argv[1]).read())
-    result = run(job)
-    with open(job["result_path"], "w") as f:
-        json.dump(result, f)
+    replies = os.fdopen(job["reply_fd"], "w")
+
+    def reply(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
+    serve(job, sys.stdin, reply)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown (seconds with torch's compiler loaded)

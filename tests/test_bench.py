@@ -182,7 +182,7 @@ def test_png_chart(tmp_path):
 
 def test_harness_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     """The real harness: kiln eager and transformers each in their own processes on the same
-    prompts, llama.cpp skipped with its reason."""
+    prompts, taking turns, llama.cpp skipped with its reason."""
     logs = []
     report = bench(["latency", "throughput", "startup", "memory"],
                    ["kiln-eager", "transformers", "llama.cpp-f32"], str(tiny_llama[0]), 1,
@@ -205,11 +205,38 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     assert agreement["latency"]["identical"] == 1
     assert agreement["throughput"] == {"identical": 64, "sequences": 64,
                                        "common_prefix_share": 1.0}
-    assert any("[1/3] kiln-eager: latency 1/1" in line for line in logs)
+    turns = [line for line in logs if line.endswith(("latency 1/1", "throughput 1/1"))]
+    assert turns == ["[1/3] kiln-eager: latency 1/1", "[2/3] transformers: latency 1/1",
+                     "[1/3] kiln-eager: throughput 1/1", "[2/3] transformers: throughput 1/1"]
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["summary"]["kiln-eager"]["ratios"]["decode_vs_transformers"] > 0
     assert (tmp_path / "bench.md").read_text().count("| kiln-eager |") == 2
     assert (tmp_path / "bench.png").is_file()
+
+
+def test_engines_take_turns_starting_one_later_each_repetition():
+    from kiln.benchmarks.harness import turn_order
+
+    assert [turn_order(["a", "b", "c"], rep) for rep in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert turn_order([], 2) == []
+
+
+def test_peak_memory_is_the_workers_own(tmp_path):
+    """A process spawned from a large one reports its own peak, not its parent's (getrusage
+    starts a spawned process from the parent's high-water mark)."""
+    import subprocess
+    import sys
+
+    from kiln.benchmarks import worker
+
+    ballast = b"x" * (400 << 20)  # written, so resident: the parent's peak is above 400 MiB
+    probe = subprocess.run(
+        [sys.executable, "-c", "import runpy, sys; "
+         f"print(runpy.run_path({worker.__file__!r})['peak_rss_bytes']())"],
+        capture_output=True, text=True, check=True, start_new_session=True)
+    assert 0 < int(probe.stdout) < 200 << 20
+    del ballast
 
 
 def test_engine_names_are_known():
