@@ -91,9 +91,31 @@ def token_agreement(report: dict) -> dict:
     return out
 
 
+def _per_repetition(raw: dict, workload: str) -> list[float]:
+    """Decode tokens/s (latency) or output tokens/s (throughput) of each repetition."""
+    samples = raw.get("main", {}).get(workload) or []
+    if workload == "latency":
+        return [token_timing(s["start"], s["token_times"])["decode_tok_s"] for s in samples]
+    return [s["output_tokens"] / s["seconds"] for s in samples]
+
+
+def _paired_ratios(engines: dict, name: str, reference: str, workload: str) -> list[float]:
+    """The engine's speed over the reference's, repetition by repetition: the harness runs
+    repetition r of every engine in one turn, close in time, so each ratio compares the two
+    under the same conditions of this drifting machine. Empty when either is missing."""
+    if reference not in engines:
+        return []
+    ours = _per_repetition(engines[name]["raw"], workload)
+    theirs = _per_repetition(engines[reference]["raw"], workload)
+    if not ours or len(ours) != len(theirs):
+        return []
+    return [a / b for a, b in zip(ours, theirs)]
+
+
 def summarize_report(report: dict) -> dict:
     """Per engine: its summaries, ratios to transformers eager and to vLLM at the same
-    precision, and its share of the machine's ceilings."""
+    precision (the median of the per-repetition ratios, and their min-max), and its share
+    of the machine's ceilings."""
     roof = report["roofline"]
     numbers = report["model_numbers"]
     summary = {name: summarize_engine(e["raw"]) for name, e in report["engines"].items()}
@@ -110,18 +132,16 @@ def summarize_report(report: dict) -> dict:
         weight_bytes = engine.get("weight_bytes") or \
             numbers["params"] * BYTES_PER_WEIGHT.get(precision, 4)
         decode = median(name, "latency", "decode_tok_s")
-        output = median(name, "throughput", "output_tok_s")
         total = median(name, "throughput", "total_tok_s")
-        ratios = {}
+        ratios, ranges = {}, {}
         for ref_name, ref in (("transformers", "transformers"),
                               ("vllm", vllm_reference(precision))):
-            ref_decode = median(ref, "latency", "decode_tok_s")
-            ref_output = median(ref, "throughput", "output_tok_s")
-            ratios[f"decode_vs_{ref_name}"] = decode / ref_decode if decode and ref_decode \
-                else None
-            ratios[f"output_vs_{ref_name}"] = output / ref_output if output and ref_output \
-                else None
-        s["ratios"] = ratios
+            for label, workload in (("decode", "latency"), ("output", "throughput")):
+                paired = _paired_ratios(report["engines"], name, ref, workload)
+                key = f"{label}_vs_{ref_name}"
+                ratios[key] = summarize(paired).median if paired else None
+                ranges[key] = [min(paired), max(paired)] if paired else None
+        s["ratios"], s["ratio_ranges"] = ratios, ranges
         peak = roof["matmul_flops"]["bfloat16" if precision in ("bfloat16", "f16")
                                     else "float32"]
         s["roofline"] = {
@@ -144,8 +164,13 @@ def _cell(summary: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-def _ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}×"
+def _ratio(s: dict, key: str) -> str:
+    value, span = s["ratios"][key], s["ratio_ranges"][key]
+    if value is None:
+        return "–"
+    if span[0] == span[1]:
+        return f"{value:.2f}×"
+    return f"{value:.2f}× ({span[0]:.2f}–{span[1]:.2f})"
 
 
 def _share(value: float | None) -> str:
@@ -173,7 +198,8 @@ def render_markdown(report: dict) -> str:
         f"{report['prompts']['latency_len']}-token prompt, 128 new tokens; throughput: 64 "
         "prompts of 128 tokens at once, 128 new tokens each; start: new process to ready "
         "and to its first token, compile cache warm (cold: empty). Every repetition has "
-        "prompts of its own, so no engine serves one from a prefix cache.",
+        "prompts of its own, so no engine serves one from a prefix cache, and the engines "
+        "take turns: repetition r runs on each of them before repetition r + 1 starts.",
         "",
         "| engine | precision | decode tok/s | ITL p50 / p99 ms | TTFT ms | output tok/s | "
         "total tok/s | ready s | first token s | cold first token s | peak RSS MiB |",
@@ -194,15 +220,19 @@ def render_markdown(report: dict) -> str:
             f"{'–' if rss is None else f'{rss:.0f}'} |")
     lines += [
         "",
+        "Ratios: each repetition runs on every engine in one turn, so each engine's speed is "
+        "divided by the reference's of the same turn; the median of those, (min–max) where "
+        "they differ.",
+        "",
         "| engine | decode × transformers | decode × vLLM | output × transformers | "
         "output × vLLM | decode share of bandwidth ceiling | throughput share of matmul peak |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in summary.items():
-        r, roofs = s["ratios"], s["roofline"]
+        roofs = s["roofline"]
         lines.append(
-            f"| {name} | {_ratio(r['decode_vs_transformers'])} | {_ratio(r['decode_vs_vllm'])} "
-            f"| {_ratio(r['output_vs_transformers'])} | {_ratio(r['output_vs_vllm'])} | "
+            f"| {name} | {_ratio(s, 'decode_vs_transformers')} | {_ratio(s, 'decode_vs_vllm')} "
+            f"| {_ratio(s, 'output_vs_transformers')} | {_ratio(s, 'output_vs_vllm')} | "
             f"{_share(roofs['decode_share_of_bandwidth'])} | "
             f"{_share(roofs['throughput_share_of_matmul_peak'])} |")
     agreement = [_agreement_line(name, s["agreement"]) for name, s in summary.items()

@@ -106,7 +106,7 @@ def _fake_report():
                 "startup_warm": [start(3.0), start(4.0)],
                 "startup_cold": {**start(30.0), "compile_seconds": {"1": 10.0}}}},
             "transformers": {"precision": "float32", "raw": {
-                "main": worker(0.05, [80.0, 82.0, 81.0], reference), "startup_warm": [start(6.0)]}},
+                "main": worker(0.05, [80.0, 64.0, 81.0], reference), "startup_warm": [start(6.0)]}},
         },
         "skipped": {"vllm": "not installed"}, "command": "kiln bench all",
     }
@@ -127,7 +127,10 @@ def test_report_summary_ratios_and_markdown(tmp_path):
         (64 * 128 - 64 - 128) / (64 * 128))
     assert "agreement" not in summary["transformers"]  # the reference itself
     assert kiln["ratios"]["decode_vs_transformers"] == pytest.approx(2.5)
-    assert kiln["ratios"]["output_vs_transformers"] == pytest.approx(81 / 18)
+    # Repetition by repetition 80/20, 64/16 and 81/18 times as fast: the median of those,
+    # not the ratio of the medians (80/18).
+    assert kiln["ratios"]["output_vs_transformers"] == pytest.approx(4.0)
+    assert kiln["ratio_ranges"]["output_vs_transformers"] == pytest.approx([4.0, 4.5])
     assert kiln["ratios"]["decode_vs_vllm"] is None  # vLLM was skipped
     assert kiln["startup"]["first_token_s"]["median"] == pytest.approx(3.5)
     assert kiln["startup_cold"]["first_token_s"]["median"] == pytest.approx(30)
@@ -135,7 +138,7 @@ def test_report_summary_ratios_and_markdown(tmp_path):
     assert kiln["roofline"]["decode_share_of_bandwidth"] == pytest.approx(0.5)
     text = render_markdown(report)
     assert "| kiln | float32 | 50.0 |" in text
-    assert "2.50×" in text and "50 %" in text
+    assert "2.50×" in text and "50 %" in text and "4.00× (4.00–4.50)" in text
     assert "vllm skipped: not installed" in text
     assert "Command: `kiln bench all`" in text
     assert "- kiln vs transformers: latency 1/1 sequences identical; throughput 62/64 " \
