@@ -16,6 +16,7 @@ from ..compiler.cache import CompileCache
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
+from ..models.huge_pages import advise_huge_pages
 from ..models.loader import build_model, init_dummy_weights, load_weights
 from .config import EngineConfig
 from .sampler import SamplerOutput, SamplingBatch, sample
@@ -74,6 +75,7 @@ class ModelRunner:
         self.sink_block = self.num_blocks
         cache = zeroed((len(layers), 2, self.num_blocks + 1, self.block_size,
                         attn.num_kv_heads, attn.head_dim), config.model.dtype, self.device)
+        advise_huge_pages(cache)  # decode attention walks it block by block, every layer
         for layer, kv in zip(layers, cache):
             layer.kv_cache = kv
         max_len = config.model.max_model_len

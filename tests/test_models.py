@@ -1,5 +1,7 @@
 """Every architecture against transformers on the same random weights."""
 
+import sys
+
 import pytest
 import torch
 from conftest import (
@@ -52,3 +54,38 @@ def test_prompt_logits_match_transformers(tiny_models, arch):
         start += n
     engine.abort_all()
     assert_all_blocks_free(llm)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address`."""
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            mapping = low <= address < high
+        elif mapping and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise huge pages are Linux's")
+def test_large_cpu_buffers_ask_for_huge_pages():
+    from kiln.models.huge_pages import advise_huge_pages
+
+    big = torch.empty(8 << 20, dtype=torch.uint8)
+    covered = advise_huge_pages(big)
+    assert 6 << 20 <= covered <= 8 << 20  # the whole 2 MiB pages inside it
+    start = -(-big.data_ptr() // (2 << 20)) * (2 << 20)
+    assert "hg" in _vm_flags(start)  # "huge pages advised" on the mapping
+    assert advise_huge_pages(torch.empty(1 << 20, dtype=torch.uint8)) == 0
+    assert advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8, device="meta")) == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise huge pages are Linux's")
+def test_weights_and_kv_cache_are_built_on_huge_pages(smollm2):
+    model = smollm2.engine.runner.model
+    embedding = model.model.embed_tokens.weight  # the largest weight
+    assert "hg" in _vm_flags(-(-embedding.data_ptr() // (2 << 20)) * (2 << 20))
+    cache = model.attention_layers()[0].kv_cache
+    assert "hg" in _vm_flags(-(-cache.data_ptr() // (2 << 20)) * (2 << 20))
