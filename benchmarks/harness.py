@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import select
 import shutil
 import signal
 import subprocess
@@ -176,7 +177,13 @@ class Worker:
         self.started = self._receive()
 
     def _receive(self) -> dict:
-        line = self.replies.readline()
+        # Waiting for the pipe to close is not enough to notice a death: a helper the worker
+        # forked (vLLM's engine core) keeps its end open. So wait until a reply starts to
+        # arrive (one is pending at most) or the worker has exited.
+        while not select.select([self.replies], [], [], 1.0)[0] and self.proc.poll() is None:
+            pass
+        readable = select.select([self.replies], [], [], 0)[0]
+        line = self.replies.readline() if readable else ""
         if not line:  # the process died
             self.close()
             raise RuntimeError(f"{self.name} failed (exit {self.proc.returncode}):\n" +

@@ -217,6 +217,16 @@ def test_harness_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     assert (tmp_path / "bench.png").is_file()
 
 
+def test_a_worker_that_dies_says_why(tmp_path):
+    from kiln.benchmarks.harness import Worker
+
+    job = {"model": str(tmp_path / "no-such-model"), "gguf": None, "dtype": "float32",
+           "max_model_len": 64, "prompts": {}, "compile_cache": str(tmp_path / "cache")}
+    with pytest.raises(RuntimeError, match="kiln-eager failed") as failure:
+        Worker(ENGINES["kiln-eager"], job)
+    assert "no-such-model" in str(failure.value)  # the worker's last lines of stderr
+
+
 def test_engines_take_turns_starting_one_later_each_repetition():
     from kiln.benchmarks.harness import turn_order
 
