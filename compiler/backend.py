@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,8 +251,20 @@ class DirectCall:
         # L['layer']._modules['mlp']._parameters['weight'] or L['args'][0].
         self.read_inputs = eval(f"lambda L: ({', '.join(sources)},)")
 
-    def __call__(self, layer, args: tuple):
-        return self.run(*self.read_inputs({"layer": layer, "args": args}))
+    def bind(self, layer: torch.nn.Module) -> Callable[[tuple], tuple]:
+        """The call for one layer, `call(args)`: what the trace reads from the layer (its
+        weights, its KV cache, fixed once the runtime has bound the cache) is read now, once;
+        only the call's arguments are read per call. Reading those attribute chains per layer
+        and step cost 0.35-0.6 ms of a 36 ms batch-1 decode step of SmolLM2 here
+        (interleaved A/B, four runs, both orders)."""
+        names, scope = [], {"run": self.run}
+        for i, source in enumerate(self.sources):
+            if source.startswith("L['args']"):
+                names.append("args" + source[len("L['args']"):])
+            else:
+                names.append(f"c{i}")
+                scope[f"c{i}"] = eval(f"lambda L: {source}")({"layer": layer})
+        return eval(f"lambda args: run({', '.join(names)})", scope)
 
     def reproduces(self, layer, args: tuple, inputs: tuple) -> bool:
         ours = self.read_inputs({"layer": layer, "args": args})

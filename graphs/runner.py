@@ -64,6 +64,7 @@ class GraphRunner:
         self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
                                           dynamic=True)
         self.direct: dict[torch.nn.Module, object] = {}  # layer -> its DirectCall
+        self.bound: dict[torch.nn.Module, Callable] = {}  # layer -> its DirectCall, bound
         self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.positions = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.token_type_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
@@ -77,9 +78,11 @@ class GraphRunner:
         """Run a layer's compiled pieces: through Dynamo the first time, then directly with
         the trace Dynamo chose for it, when its graph's output is the layer's output and its
         inputs can be read back from the layer and its arguments."""
-        direct = self.direct.get(layer)
-        if direct is not None:
-            out = direct(layer, args)
+        call = self.bound.get(layer)
+        if call is None and layer in self.direct:
+            call = self.bound[layer] = self.direct[layer].bind(layer)
+        if call is not None:
+            out = call(args)
             return out[0] if len(out) == 1 else tuple(out)
         out = self.traced_layer(layer, *args)
         entry, inputs, outputs = self.backend.last_call

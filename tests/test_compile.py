@@ -74,7 +74,11 @@ def test_compiled_logits_projection_equals_eager(llm):
         compiled = runner.graph_runner.logits(hidden)
         eager = runner.model.compute_logits(hidden)
         batched = runner.graph_runner.logits(hidden.repeat(3, 1))  # more rows: BLAS
-    assert runner.graph_runner.direct  # layers and projection run without Dynamo
+    # Layers and projection run without Dynamo, each with its own inputs bound once (at
+    # their first call after the one through Dynamo).
+    llm.generate(token_prompts([[5, 6, 7]]), GREEDY, use_tqdm=False)
+    assert runner.graph_runner.bound.keys() == runner.graph_runner.direct.keys()
+    assert len(runner.graph_runner.bound) == len(runner.model.model.layers) + 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, eager.repeat(3, 1), rtol=1e-5, atol=1e-5)
 
