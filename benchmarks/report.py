@@ -16,6 +16,14 @@ def _start_times(runs: list[dict]) -> dict:
     return {"ready_s": summarize(ready).to_dict(), "first_token_s": summarize(first).to_dict()}
 
 
+def _per_repetition(raw: dict, workload: str) -> list[float]:
+    """Decode tokens/s (latency) or output tokens/s (throughput) of each repetition."""
+    samples = raw.get("main", {}).get(workload) or []
+    if workload == "latency":
+        return [token_timing(s["start"], s["token_times"])["decode_tok_s"] for s in samples]
+    return [s["output_tokens"] / s["seconds"] for s in samples]
+
+
 def summarize_engine(raw: dict) -> dict:
     out = {}
     main = raw.get("main", {})
@@ -25,8 +33,7 @@ def summarize_engine(raw: dict) -> dict:
     if main.get("throughput"):
         samples = main["throughput"]
         out["throughput"] = {
-            "output_tok_s": summarize([s["output_tokens"] / s["seconds"]
-                                       for s in samples]).to_dict(),
+            "output_tok_s": summarize(_per_repetition(raw, "throughput")).to_dict(),
             "total_tok_s": summarize([(s["output_tokens"] + s["prompt_tokens"]) / s["seconds"]
                                       for s in samples]).to_dict()}
     if main.get("unsupported"):
@@ -91,14 +98,6 @@ def token_agreement(report: dict) -> dict:
     return out
 
 
-def _per_repetition(raw: dict, workload: str) -> list[float]:
-    """Decode tokens/s (latency) or output tokens/s (throughput) of each repetition."""
-    samples = raw.get("main", {}).get(workload) or []
-    if workload == "latency":
-        return [token_timing(s["start"], s["token_times"])["decode_tok_s"] for s in samples]
-    return [s["output_tokens"] / s["seconds"] for s in samples]
-
-
 def _paired_ratios(engines: dict, name: str, reference: str, workload: str) -> list[float]:
     """The engine's speed over the reference's, repetition by repetition: the harness runs
     repetition r of every engine in one turn, close in time, so each ratio compares the two
@@ -139,8 +138,9 @@ def summarize_report(report: dict) -> dict:
             for label, workload in (("decode", "latency"), ("output", "throughput")):
                 paired = _paired_ratios(report["engines"], name, ref, workload)
                 key = f"{label}_vs_{ref_name}"
-                ratios[key] = summarize(paired).median if paired else None
-                ranges[key] = [min(paired), max(paired)] if paired else None
+                spread = summarize(paired) if paired else None
+                ratios[key] = spread.median if spread else None
+                ranges[key] = [spread.min, spread.max] if spread else None
         s["ratios"], s["ratio_ranges"] = ratios, ranges
         peak = roof["matmul_flops"]["bfloat16" if precision in ("bfloat16", "f16")
                                     else "float32"]
