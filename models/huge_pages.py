@@ -20,7 +20,7 @@ _HUGE_PAGE = 2 << 20
 
 @functools.cache
 def _madvise():
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
     fn = libc.madvise
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
