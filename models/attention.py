@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_attention import KERNEL_DTYPES
+
 
 @dataclass
 class AttentionMetadata:
@@ -31,8 +33,8 @@ class AttentionMetadata:
     token_offsets: torch.Tensor  # [T] index of each token within its sequence's chunk
     num_decodes: int  # sequences (and tokens) at the front that decode one token
     max_query_len: int  # longest prefill chunk (0 when the batch is decode only)
-    # CPU float32: the decodes attend through this kernel (models/cpu_attention.py) instead
-    # of gathering their blocks for SDPA; None: the torch path
+    # CPU float32/bfloat16: the decodes attend through this kernel (models/cpu_attention.py)
+    # instead of gathering their blocks for SDPA; None: the torch path
     decode_kernel: Callable | None = None
 
 
@@ -182,7 +184,7 @@ SPLIT_OPS = {"kiln.paged_attention": paged_attention_step,
 
 
 def _kernel_applies(meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
-    return meta.decode_kernel is not None and kv_cache.dtype == torch.float32 and \
+    return meta.decode_kernel is not None and kv_cache.dtype in KERNEL_DTYPES and \
         kv_cache.device.type == "cpu" and kv_cache.is_contiguous()
 
 

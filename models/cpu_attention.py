@@ -35,6 +35,23 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
+
+// Keys, values, queries and outputs are float or bfloat16 (the upper 16 bits of a float,
+// held as uint16_t); every sum is taken in float.
+static inline float to_float(float x) { return x; }
+static inline float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+static inline void store(float* p, float x) { *p = x; }
+static inline void store(uint16_t* p, float x) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 // Every head of one sequence (each key/value head shared by `group` query heads) over
 // positions [start, start + n), n >= 1. Reading every head of a position together walks
@@ -42,24 +59,24 @@ SOURCE = r"""
 // vectorised loops); 0 takes it from `dim`. With `stats`, the output is left unnormalised
 // and each query head's largest score and sum of exponentials go to stats[2r], stats[2r+1]
 // (one part of a sequence split over positions, merged by `merge_parts`).
-template <int kDim>
-static void attend(const float* q, const float* k_cache, const float* v_cache,
+template <int kDim, typename T>
+static void attend(const float* q, const T* k_cache, const T* v_cache,
                    const int64_t* table, int64_t start, int64_t n, int64_t block_size,
                    int64_t num_kv_heads, int64_t group, int64_t dim, float scale,
                    float* scores, float* out, float* stats) {
   const int64_t d_len = kDim > 0 ? kDim : dim;
-  const int64_t slot = num_kv_heads * d_len;  // floats per cached token
+  const int64_t slot = num_kv_heads * d_len;  // elements per cached token
   const int64_t rows = num_kv_heads * group;  // query heads
-  auto at = [&](const float* cache, int64_t pos) {
+  auto at = [&](const T* cache, int64_t pos) {
     return cache + (table[pos / block_size] * block_size + pos % block_size) * slot;
   };
   for (int64_t i = 0; i < n; ++i) {
-    const float* k = at(k_cache, start + i);
+    const T* k = at(k_cache, start + i);
     for (int64_t r = 0; r < rows; ++r) {
       const float* qr = q + r * d_len;
-      const float* kr = k + (r / group) * d_len;
+      const T* kr = k + (r / group) * d_len;
       float dot = 0.f;
-      for (int64_t d = 0; d < d_len; ++d) dot += qr[d] * kr[d];
+      for (int64_t d = 0; d < d_len; ++d) dot += qr[d] * to_float(kr[d]);
       scores[r * n + i] = dot * scale;
     }
   }
@@ -82,12 +99,12 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
   }
   for (int64_t j = 0; j < rows * d_len; ++j) out[j] = 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    const float* v = at(v_cache, start + i);
+    const T* v = at(v_cache, start + i);
     for (int64_t r = 0; r < rows; ++r) {
       const float p = scores[r * n + i];
-      const float* vr = v + (r / group) * d_len;
+      const T* vr = v + (r / group) * d_len;
       float* a = out + r * d_len;
-      for (int64_t d = 0; d < d_len; ++d) a[d] += p * vr[d];
+      for (int64_t d = 0; d < d_len; ++d) a[d] += p * to_float(vr[d]);
     }
   }
 }
@@ -95,15 +112,15 @@ static void attend(const float* q, const float* k_cache, const float* v_cache,
 // Combines the `parts` unnormalised outputs of query head r of one sequence (each part
 // [Hq, D], its stats as `attend` writes them; a part with no positions has a sum of 0 and
 // a largest score below any real one, and is skipped) into out.
+template <typename T>
 static void merge_parts(const float* partial, const float* stats, int64_t parts, int64_t r,
-                        int64_t num_heads, int64_t dim, float* out) {
+                        int64_t num_heads, int64_t dim, float* acc, T* out) {
   float top = stats[r * 2];
   for (int64_t p = 1; p < parts; ++p) {
     const float m = stats[(p * num_heads + r) * 2];
     top = m > top ? m : top;
   }
-  float* o = out + r * dim;
-  for (int64_t d = 0; d < dim; ++d) o[d] = 0.f;
+  for (int64_t d = 0; d < dim; ++d) acc[d] = 0.f;
   float total = 0.f;
   for (int64_t p = 0; p < parts; ++p) {
     const float* st = stats + (p * num_heads + r) * 2;
@@ -111,10 +128,11 @@ static void merge_parts(const float* partial, const float* stats, int64_t parts,
     const float w = std::exp(st[0] - top);
     total += w * st[1];
     const float* part = partial + (p * num_heads + r) * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] += w * part[d];
+    for (int64_t d = 0; d < dim; ++d) acc[d] += w * part[d];
   }
   const float inv = 1.f / total;
-  for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+  T* o = out + r * dim;
+  for (int64_t d = 0; d < dim; ++d) store(o + d, acc[d] * inv);
 }
 
 // First writes the new keys and values of `num_writes` tokens (rows of k_new and v_new,
@@ -125,22 +143,23 @@ static void merge_parts(const float* partial, const float* stats, int64_t parts,
 // out [num_rows, Hq, D] contiguous, rows from S on zeroed. Query head h attends with
 // key/value head h / (Hq / Hkv). window > 0 keeps the last `window` positions only.
 // Returns 1 if scratch memory could not be allocated.
-extern "C" int kiln_decode_attention(
-    const float* q, int64_t q_stride, const float* k_new, int64_t k_stride,
-    const float* v_new, int64_t v_stride, const int64_t* slots, int64_t num_writes,
-    float* k_cache, float* v_cache, const int64_t* block_tables, int64_t width,
-    const int64_t* seq_lens, float* out, int64_t num_seqs, int64_t num_rows,
+template <typename T>
+static int decode_attention(
+    const T* q, int64_t q_stride, const T* k_new, int64_t k_stride,
+    const T* v_new, int64_t v_stride, const int64_t* slots, int64_t num_writes,
+    T* k_cache, T* v_cache, const int64_t* block_tables, int64_t width,
+    const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_rows,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     float scale, int64_t window, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t slot_size = num_kv_heads * head_dim;
   for (int64_t t = 0; t < num_writes; ++t) {
-    const size_t bytes = sizeof(float) * slot_size;
+    const size_t bytes = sizeof(T) * slot_size;
     std::memcpy(k_cache + slots[t] * slot_size, k_new + t * k_stride, bytes);
     std::memcpy(v_cache + slots[t] * slot_size, v_new + t * v_stride, bytes);
   }
   std::memset(out + num_seqs * num_heads * head_dim, 0,
-              sizeof(float) * (num_rows - num_seqs) * num_heads * head_dim);
+              sizeof(T) * (num_rows - num_seqs) * num_heads * head_dim);
   // A work item is a sequence with all its heads. With fewer sequences than threads (batch-1
   // decode), each sequence is split instead into one part per thread over its positions,
   // whose partial outputs are then merged: every thread reads an equal share of the cache
@@ -158,15 +177,20 @@ extern "C" int kiln_decode_attention(
       return 1;
     }
   }
+  constexpr bool is_float = std::is_same_v<T, float>;
   int failed = 0;
 #pragma omp parallel num_threads(num_threads)
   {
     const size_t max_len = width * block_size;
-    float* scores = static_cast<float*>(std::malloc(sizeof(float) * num_heads * max_len));
+    // Per thread: scores, then one item's query (bfloat16 only) and output in float.
+    const size_t scratch = num_heads * max_len + 2 * head_floats;
+    float* scores = static_cast<float*>(std::malloc(sizeof(float) * scratch));
     if (scores == nullptr) {
 #pragma omp atomic write
       failed = 1;
     }
+    float* q_float = scores + num_heads * max_len;
+    float* acc = q_float + head_floats;
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < num_seqs * parts; ++item) {
       const int64_t s = item / parts, p = item % parts;
@@ -174,7 +198,6 @@ extern "C" int kiln_decode_attention(
       const int64_t first = window > 0 && len > window ? len - window : 0;
       const int64_t start = first + (len - first) * p / parts;
       const int64_t n = first + (len - first) * (p + 1) / parts - start;
-      float* dest = parts > 1 ? partial + item * head_floats : out + s * head_floats;
       float* item_stats = parts > 1 ? stats + item * num_heads * 2 : nullptr;
       if (scores == nullptr) continue;
       if (n == 0) {  // a part of a context shorter than the thread count
@@ -184,14 +207,29 @@ extern "C" int kiln_decode_attention(
         }
         continue;
       }
+      const float* q_row;
+      float* dest;
+      if constexpr (is_float) {
+        q_row = q + s * q_stride;
+        dest = parts > 1 ? partial + item * head_floats : out + s * head_floats;
+      } else {
+        for (int64_t j = 0; j < head_floats; ++j) q_float[j] = to_float(q[s * q_stride + j]);
+        q_row = q_float;
+        dest = parts > 1 ? partial + item * head_floats : acc;
+      }
       auto run = [&](auto kernel) {
-        kernel(q + s * q_stride, k_cache, v_cache, block_tables + s * width, start, n,
-               block_size, num_kv_heads, group, head_dim, scale, scores, dest, item_stats);
+        kernel(q_row, k_cache, v_cache, block_tables + s * width, start, n, block_size,
+               num_kv_heads, group, head_dim, scale, scores, dest, item_stats);
       };
       switch (head_dim) {
-        case 64: run(attend<64>); break;
-        case 128: run(attend<128>); break;
-        default: run(attend<0>);
+        case 64: run(attend<64, T>); break;
+        case 128: run(attend<128, T>); break;
+        default: run(attend<0, T>);
+      }
+      if constexpr (!is_float) {
+        if (parts == 1) {
+          for (int64_t j = 0; j < head_floats; ++j) store(out + s * head_floats + j, acc[j]);
+        }
       }
     }
     if (parts > 1) {
@@ -199,7 +237,7 @@ extern "C" int kiln_decode_attention(
       for (int64_t item = 0; item < num_seqs * num_heads; ++item) {
         const int64_t s = item / num_heads, r = item % num_heads;
         merge_parts(partial + s * parts * head_floats, stats + s * parts * num_heads * 2, parts,
-                    r, num_heads, head_dim, out + s * head_floats);
+                    r, num_heads, head_dim, acc, out + s * head_floats);
       }
     }
     std::free(scores);
@@ -208,6 +246,22 @@ extern "C" int kiln_decode_attention(
   std::free(stats);
   return failed;
 }
+
+#define KILN_DECODE_ATTENTION(name, T)                                                      \
+  extern "C" int name(const T* q, int64_t q_stride, const T* k_new, int64_t k_stride,       \
+                      const T* v_new, int64_t v_stride, const int64_t* slots,               \
+                      int64_t num_writes, T* k_cache, T* v_cache,                           \
+                      const int64_t* block_tables, int64_t width, const int64_t* seq_lens,  \
+                      T* out, int64_t num_seqs, int64_t num_rows, int64_t num_heads,        \
+                      int64_t num_kv_heads, int64_t head_dim, int64_t block_size,           \
+                      float scale, int64_t window, int num_threads) {                       \
+    return decode_attention<T>(q, q_stride, k_new, k_stride, v_new, v_stride, slots,        \
+                               num_writes, k_cache, v_cache, block_tables, width, seq_lens, \
+                               out, num_seqs, num_rows, num_heads, num_kv_heads, head_dim,  \
+                               block_size, scale, window, num_threads);                     \
+  }
+KILN_DECODE_ATTENTION(kiln_decode_attention_f32, float)
+KILN_DECODE_ATTENTION(kiln_decode_attention_bf16, uint16_t)
 """
 
 _COMPILER = "g++"
@@ -248,6 +302,7 @@ def _build(build_dir: Path) -> Path:
 
 
 DecodeKernel = Callable[..., torch.Tensor]  # see `decode_attention` below
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -266,10 +321,13 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         logger.warning("CPU decode attention kernel unavailable (%s); using the torch path",
                        detail.strip().splitlines()[-1] if detail.strip() else e)
         return None
-    fn = library.kiln_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR,
-                   _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int]
+    functions = {torch.float32: library.kiln_decode_attention_f32,
+                 torch.bfloat16: library.kiln_decode_attention_bf16}
+    for fn in functions.values():
+        fn.restype = ctypes.c_int
+        fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64,
+                       _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64,
+                       ctypes.c_int]
 
     def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_writes: int,
@@ -277,7 +335,8 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
                          num_rows: int, scale: float, sliding_window: int) -> torch.Tensor:
         """Write the first `num_writes` rows of k/v [T, Hkv, D] to their slots, then attend
         with the first `num_seqs` rows of q [T, Hq, D], one query per sequence: kv_cache
-        [2, num_blocks, block_size, Hkv, D] contiguous float32; block_tables [S', width] and
+        [2, num_blocks, block_size, Hkv, D] contiguous, float32 or bfloat16 like q/k/v
+        (`KERNEL_DTYPES`); block_tables [S', width] and
         seq_lens [S'] contiguous int64, their first `num_seqs` rows those sequences' ->
         [num_rows, Hq, D], rows from `num_seqs` on zero.
 
@@ -288,6 +347,7 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         out = q.new_empty((num_rows, q.shape[1], head_dim))
         k_cache = kv_cache.data_ptr()
+        fn = functions[kv_cache.dtype]
         failed = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                     v.stride(0), slot_mapping.data_ptr(),
                     num_writes, k_cache, k_cache + kv_cache.stride(0) * kv_cache.element_size(),

@@ -15,7 +15,7 @@ import torch
 from ..compiler.cache import CompileCache
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
-from ..models.cpu_attention import load_decode_kernel
+from ..models.cpu_attention import KERNEL_DTYPES, load_decode_kernel
 from ..models.huge_pages import advise_huge_pages
 from ..models.loader import build_model, init_dummy_weights, load_weights
 from .config import EngineConfig
@@ -62,8 +62,8 @@ class ModelRunner:
             load_weights(self.model, config.model.path)
         logger.info("loaded %s (%s) in %.1f s", config.model.path, config.model.dtype,
                     time.perf_counter() - start)
-        self.decode_kernel = None  # filled into each step's metadata (CPU float32 only)
-        if self.device.type == "cpu" and config.model.dtype == torch.float32:
+        self.decode_kernel = None  # filled into each step's metadata (CPU only)
+        if self.device.type == "cpu" and config.model.dtype in KERNEL_DTYPES:
             self.decode_kernel = load_decode_kernel(config.kernel_dir)
         layers = self.model.attention_layers()
         attn = layers[0]
