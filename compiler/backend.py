@@ -35,6 +35,7 @@ from .passes import (
     SINGLE_TOKEN_INDUCTOR_OPTIONS,
     linear_as_weight_times_input,
     single_token_linear_as_reduction,
+    single_token_linear_as_row_kernel,
 )
 
 # The passes' code is part of every key: editing a pass must not load what the old one built.
@@ -43,6 +44,8 @@ _PASSES_SOURCE = hashlib.sha256(Path(passes_module.__file__).read_bytes()).hexdi
 # kiln's passes: name -> (whether it applies to a piece compiled for this many tokens, pass,
 # Inductor settings for the pieces it applies to; the user's inductor_options win).
 PASSES = {
+    "single_token_linear_as_row_kernel": (lambda size: size == 1,
+                                          single_token_linear_as_row_kernel, {}),
     "single_token_linear_as_reduction": (lambda size: size == 1,
                                          single_token_linear_as_reduction,
                                          SINGLE_TOKEN_INDUCTOR_OPTIONS),

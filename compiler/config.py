@@ -4,7 +4,8 @@ import difflib
 from dataclasses import dataclass, field, fields, replace
 
 MODES = ("default", "max-autotune-no-cudagraphs")
-KNOWN_PASSES = ("single_token_linear_as_reduction", "linear_as_weight_times_input")
+KNOWN_PASSES = ("single_token_linear_as_row_kernel", "single_token_linear_as_reduction",
+                "linear_as_weight_times_input")
 
 
 @dataclass
@@ -61,15 +62,27 @@ class CompilationConfig:
         return cls(**value)
 
     def for_device(self, device_type: str) -> "CompilationConfig":
-        """This config with its defaults settled for the device. On CPU: both passes, and
+        """This config with its defaults settled for the device. On CPU: `cpu_passes()`, and
         dynamic artifacts (3 compiles instead of 12 for the default sizes, and kernels as
         fast as per-size ones here). On CUDA: no passes (cuBLAS runs one or a few rows well
         as it is) and one artifact per size, the path measured there."""
         cpu = device_type == "cpu"
-        passes = self.passes if self.passes is not None else list(KNOWN_PASSES) if cpu else []
+        passes = self.passes if self.passes is not None else cpu_passes() if cpu else []
         return replace(self, passes=passes,
                        dynamic=self.dynamic if self.dynamic is not None else cpu)
 
     def inductor_config(self) -> dict:
         options = {"max_autotune": True} if self.mode.startswith("max-autotune") else {}
         return {**options, **self.inductor_options}
+
+
+def cpu_passes() -> list[str]:
+    """kiln's passes on this CPU. One-token pieces: kiln's row kernel where it is written
+    out for AVX-512 (the CPU it was measured faster on), Inductor's reduction elsewhere (an
+    AVX2 CPU, where that was measured); a few rows: W·xᵀ."""
+    import torch
+
+    single = "single_token_linear_as_row_kernel" \
+        if torch.backends.cpu.get_cpu_capability().startswith("AVX512") \
+        else "single_token_linear_as_reduction"
+    return [single, "linear_as_weight_times_input"]

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..models import cpu_linear  # noqa: F401  (defines kiln::linear_row)
+
 _LINEAR = (torch._C._nn.linear, F.linear)
 
 # Inductor settings for pieces the single-token pass rewrote. Inductor recomputes a
@@ -30,6 +32,18 @@ def single_token_linear_as_reduction(gm: fx.GraphModule) -> int:
         row = _with_value(graph.call_method("unsqueeze", (x, -2)))
         product = _with_value(graph.call_function(torch.mul, (row, weight)))
         return _with_value(graph.call_method("sum", (product, -1)))
+
+    return _rewrite_linears(gm, build)
+
+
+def single_token_linear_as_row_kernel(gm: fx.GraphModule) -> int:
+    """In a piece compiled for one token on CPU, compute y = x W^T with kiln's row kernel
+    (`kiln::linear_row`, models/cpu_linear.py) instead of a reduction Inductor generates.
+
+    Inductor still fuses what produces x and what consumes y into its kernels around the
+    call. Returns the number of linears rewritten."""
+    def build(graph: fx.Graph, x: fx.Node, weight: fx.Node) -> fx.Node:
+        return _with_value(graph.call_function(torch.ops.kiln.linear_row.default, (x, weight)))
 
     return _rewrite_linears(gm, build)
 

@@ -12,46 +12,21 @@ In a decode-only step the same call first writes the step's new keys and values 
 slots and zero-fills the padded rows: with every weight streaming through the caches
 between layers, each separate torch call (index_copy_, slices, cat) costs 10-20 us here.
 
-It is built on first use with g++ (Inductor's compiler on CPU), kept in a build directory
-keyed by its source, flags and this CPU, and called through ctypes (no torch headers to
-compile: under a second here). Without a working compiler the torch path runs instead."""
+It is built on first use (models/cpu_build.py). Without a working compiler the torch path
+runs instead."""
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("kiln")
+from .cpu_build import load_library
 
 SOURCE = r"""
 #include <cmath>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
-
-// Keys, values, queries and outputs are float or bfloat16 (the upper 16 bits of a float,
-// held as uint16_t); every sum is taken in float.
-static inline float to_float(float x) { return x; }
-static inline float to_float(uint16_t x) {
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-static inline void store(float* p, float x) { *p = x; }
-static inline void store(uint16_t* p, float x) {  // round to nearest even, as torch does
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 // Every head of one sequence (each key/value head shared by `group` query heads) over
 // positions [start, start + n), n >= 1. Reading every head of a position together walks
@@ -264,42 +239,8 @@ KILN_DECODE_ATTENTION(kiln_decode_attention_f32, float)
 KILN_DECODE_ATTENTION(kiln_decode_attention_bf16, uint16_t)
 """
 
-_COMPILER = "g++"
-# fast-math lets the compiler vectorise the dot products, sums and exponentials (2x here);
-# the kernel never produces or compares infinities, so finite-math is safe too.
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
-
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: a library built on another CPU must not load here."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()}|{platform.processor()}|{flags}"
-
-
-def _build(build_dir: Path) -> Path:
-    key = hashlib.sha256("|".join([SOURCE, _COMPILER, *_FLAGS, _cpu_signature()])
-                         .encode()).hexdigest()[:24]
-    library = build_dir / f"decode_attention-{key}.so"
-    if library.exists():
-        return library
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
-        source = Path(tmp) / "decode_attention.cpp"
-        source.write_text(SOURCE)
-        built = Path(tmp) / library.name
-        subprocess.run([_COMPILER, *_FLAGS, str(source), "-o", str(built)], check=True,
-                       capture_output=True, text=True)
-        os.replace(built, library)  # atomic: a concurrent build leaves one whole library
-    return library
-
 
 DecodeKernel = Callable[..., torch.Tensor]  # see `decode_attention` below
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -314,12 +255,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
     """The decode attention kernel, built into `build_dir` if it is not there yet; None
     (with a warning) when it cannot be built or loaded."""
-    try:
-        library = ctypes.CDLL(str(_build(build_dir)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        logger.warning("CPU decode attention kernel unavailable (%s); using the torch path",
-                       detail.strip().splitlines()[-1] if detail.strip() else e)
+    library = load_library("decode_attention", SOURCE, build_dir, "the torch path")
+    if library is None:
         return None
     functions = {torch.float32: library.kiln_decode_attention_f32,
                  torch.bfloat16: library.kiln_decode_attention_bf16}
@@ -336,9 +273,9 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         """Write the first `num_writes` rows of k/v [T, Hkv, D] to their slots, then attend
         with the first `num_seqs` rows of q [T, Hq, D], one query per sequence: kv_cache
         [2, num_blocks, block_size, Hkv, D] contiguous, float32 or bfloat16 like q/k/v
-        (`KERNEL_DTYPES`); block_tables [S', width] and
-        seq_lens [S'] contiguous int64, their first `num_seqs` rows those sequences' ->
-        [num_rows, Hq, D], rows from `num_seqs` on zero.
+        (`KERNEL_DTYPES`); block_tables [S', width] and seq_lens [S'] contiguous int64, their
+        first `num_seqs` rows those sequences' -> [num_rows, Hq, D], rows from `num_seqs` on
+        zero.
 
         A decode step runs one of these per layer with the weights streaming through the
         caches in between, so every torch call here costs 10-20 us: hence pointers and

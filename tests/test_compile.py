@@ -235,7 +235,10 @@ def test_single_token_pieces_get_the_pass_inductor_settings():
     from kiln.compiler.passes import SINGLE_TOKEN_INDUCTOR_OPTIONS
 
     def options(user: dict, size: int) -> dict:
-        config = CompilationConfig(inductor_options=user).for_device("cpu")
+        config = CompilationConfig(
+            inductor_options=user,
+            passes=["single_token_linear_as_reduction", "linear_as_weight_times_input"],
+        ).for_device("cpu")
         return KilnBackend(config, None, [1, 32], "salt")._inductor_options(size)
 
     name, value = next(iter(SINGLE_TOKEN_INDUCTOR_OPTIONS.items()))
@@ -254,6 +257,20 @@ def test_single_token_pass_replaces_every_linear_with_a_reduction(tiny_llama):
 
     seen = _run_pass_on_layer(tiny_llama[0], single_token_linear_as_reduction, 1, sums)
     assert seen == [(4, 4, 0, 4)]  # qkv, o, gate_up and down projections
+
+
+def test_single_token_pass_calls_the_row_kernel_for_every_linear(tiny_llama, tmp_path):
+    """The CPU default for one-token pieces: every linear becomes kiln::linear_row."""
+    from kiln.compiler.passes import single_token_linear_as_row_kernel
+    from kiln.models.cpu_linear import load_linear_kernel
+
+    assert load_linear_kernel(tmp_path)
+
+    def row_calls(graph):
+        return sum(1 for n in graph.nodes if n.target is torch.ops.kiln.linear_row.default)
+
+    seen = _run_pass_on_layer(tiny_llama[0], single_token_linear_as_row_kernel, 1, row_calls)
+    assert seen == [(4, 4, 0, 4)]
 
 
 def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):

@@ -152,10 +152,10 @@ def test_bfloat16_kernel_matches_the_float32_path_rounded(kernel, seq_lens, num_
 
 
 def test_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
-    import kiln.models.cpu_attention as cpu_attention
+    import kiln.models.cpu_build as cpu_build
 
-    monkeypatch.setattr(cpu_attention, "_COMPILER", str(tmp_path / "no-such-compiler"))
-    assert cpu_attention.load_decode_kernel(tmp_path) is None
+    monkeypatch.setattr(cpu_build, "COMPILER", str(tmp_path / "no-such-compiler"))
+    assert load_decode_kernel(tmp_path) is None
     assert "torch path" in caplog.text
 
 

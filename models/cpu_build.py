@@ -1,0 +1,81 @@
+"""Building kiln's own C++ kernels for CPU (models/cpu_attention.py, models/cpu_linear.py):
+each source is compiled once with g++ (Inductor's compiler on CPU) into a library kept in
+a build directory, keyed by its source, flags and this CPU, and loaded through ctypes (no
+torch headers to compile: about a second each)."""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("kiln")
+
+# Loads and stores of float and bfloat16 (the upper 16 bits of a float, held as uint16_t)
+# for kernels that take either; their sums are always taken in float.
+NUMBERS = r"""
+#include <cstdint>
+#include <cstring>
+
+static inline float to_float(float x) { return x; }
+static inline float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+static inline void store(float* p, float x) { *p = x; }
+static inline void store(uint16_t* p, float x) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  *p = static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+"""
+
+COMPILER = "g++"
+# fast-math lets the compiler vectorise dot products, sums and exponentials (2x here); the
+# kernels never produce or compare infinities, so finite-math is safe too.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: a library built on another CPU must not load here."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build(name: str, source: str, build_dir: Path) -> Path:
+    key = hashlib.sha256("|".join([source, COMPILER, *FLAGS, _cpu_signature()])
+                         .encode()).hexdigest()[:24]
+    library = build_dir / f"{name}-{key}.so"
+    if library.exists():
+        return library
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=build_dir) as tmp:
+        path = Path(tmp) / f"{name}.cpp"
+        path.write_text(source)
+        built = Path(tmp) / library.name
+        subprocess.run([COMPILER, *FLAGS, str(path), "-o", str(built)], check=True,
+                       capture_output=True, text=True)
+        os.replace(built, library)  # atomic: a concurrent build leaves one whole library
+    return library
+
+
+def load_library(name: str, source: str, build_dir: Path, fallback: str) -> ctypes.CDLL | None:
+    """The library built from `source` (NUMBERS prepended) into `build_dir` if it is not
+    there yet; None, with a warning naming `fallback`, when it cannot be built or loaded."""
+    try:
+        return ctypes.CDLL(str(_build(name, NUMBERS + source, build_dir)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        logger.warning("CPU %s kernel unavailable (%s); using %s", name.replace("_", " "),
+                       detail.strip().splitlines()[-1] if detail.strip() else e, fallback)
+        return None
