@@ -38,6 +38,13 @@ static inline void fetch_ahead(const T* next, int64_t k, int64_t i) {
   for (int r = 0; r < 4; ++r)
     _mm_prefetch(reinterpret_cast<const char*>(next + r * k + i), _MM_HINT_T0);
 }
+
+static inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
+  s[0] = _mm512_reduce_add_ps(a0);
+  s[1] = _mm512_reduce_add_ps(a1);
+  s[2] = _mm512_reduce_add_ps(a2);
+  s[3] = _mm512_reduce_add_ps(a3);
+}
 #endif
 
 // Four rows' dot products with x, written out for AVX-512, where GCC's own vectorised loop
@@ -56,10 +63,7 @@ static inline bool dot4_by_hand(const float* x, const float* w, int64_t k, float
     a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 2 * k + i), a2);
     a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 3 * k + i), a3);
   }
-  s[0] = _mm512_reduce_add_ps(a0);
-  s[1] = _mm512_reduce_add_ps(a1);
-  s[2] = _mm512_reduce_add_ps(a2);
-  s[3] = _mm512_reduce_add_ps(a3);
+  sum4(a0, a1, a2, a3, s);
   return true;
 #else
   return false;
@@ -81,10 +85,7 @@ static inline bool dot4_by_hand(const uint16_t* x, const uint16_t* w, int64_t k,
     a2 = _mm512_dpbf16_ps(a2, xv, load(w + 2 * k + i));
     a3 = _mm512_dpbf16_ps(a3, xv, load(w + 3 * k + i));
   }
-  s[0] = _mm512_reduce_add_ps(a0);
-  s[1] = _mm512_reduce_add_ps(a1);
-  s[2] = _mm512_reduce_add_ps(a2);
-  s[3] = _mm512_reduce_add_ps(a3);
+  sum4(a0, a1, a2, a3, s);
   return true;
 #else
   return false;

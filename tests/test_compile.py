@@ -1,6 +1,7 @@
 """The compiled path: same greedy tokens as eager and transformers in every bucket and
 scheduling path, no compiles after warm-up, shared artifacts, and a trustworthy cache."""
 
+import copy
 import os
 
 import pytest
@@ -335,3 +336,21 @@ def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "cache" / "inductor")
     assert any((tmp_path / "cache" / "inductor").rglob("*"))
+
+
+def test_bfloat16_compiled_matches_eager_and_transformers(tiny_llama, compile_cache):
+    """bfloat16 on CPU: the compiled path (kiln's row kernel for one-token projections, the
+    bfloat16 decode attention kernel) gives the eager path's greedy tokens, and the eager
+    path transformers' in bfloat16."""
+    folder, hf = tiny_llama
+    prompts = random_prompts(6, seed=31)
+    eager = tiny_llm(folder, dtype="bfloat16")
+    compiled = compiled_llm(folder, compile_cache, dtype="bfloat16")
+    want = [o.outputs[0].token_ids
+            for o in eager.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
+    got = [o.outputs[0].token_ids
+           for o in compiled.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
+    assert got == want
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    with torch.no_grad():
+        assert want == [hf_greedy(hf16, p, MAX_TOKENS) for p in prompts]
