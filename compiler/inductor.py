@@ -153,11 +153,16 @@ def configure_inductor(root: Path) -> None:
 
 
 def remember_vec_isa(root: Path) -> None:
-    """After warm-up on CPU: record whether Inductor's vector instruction set check passed
-    (compiling or loading a kernel ran it, and its answer is cached in the process)."""
+    """After warm-up on CPU: record that Inductor's vector instruction set check passed
+    (compiling or loading a kernel ran it, and its answer is cached in the process), only
+    if it chose the widest set this CPU lists: trusting the check picks that one, so a
+    narrower choice (a set that failed to build or run) must be probed again next time."""
     import torch._inductor.config as inductor_config
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
-    if inductor_config.cpp.vec_isa_ok is None and pick_vec_isa():
+    if inductor_config.cpp.vec_isa_ok is not None:
+        return
+    chosen, listed = pick_vec_isa(), valid_vec_isa_list()
+    if chosen and listed and str(chosen) == str(listed[0]):
         _vec_isa_marker(root).touch()
 

@@ -354,3 +354,22 @@ def test_bfloat16_compiled_matches_eager_and_transformers(tiny_llama, compile_ca
     hf16 = copy.deepcopy(hf).to(torch.bfloat16)
     with torch.no_grad():
         assert want == [hf_greedy(hf16, p, MAX_TOKENS) for p in prompts]
+
+
+def test_the_vector_isa_verdict_is_kept_only_for_the_widest_set(tmp_path, monkeypatch):
+    """A warm start trusts a kept verdict and then uses the widest set the CPU lists, so the
+    verdict is kept only when Inductor's check chose that set."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
+
+    from kiln.compiler.inductor import remember_vec_isa
+
+    listed = [cpu_vec_isa.VecAVX512(), cpu_vec_isa.VecAVX2()]
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: listed)
+    with inductor_config.patch({"cpp.vec_isa_ok": None}):
+        monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: listed[1])
+        remember_vec_isa(tmp_path)
+        assert not list(tmp_path.iterdir())
+        monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: listed[0])
+        remember_vec_isa(tmp_path)
+    assert [p.name.startswith("vec-isa-ok") for p in tmp_path.iterdir()] == [True]
