@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_attention import KERNEL_DTYPES
+from .cpu_build import KERNEL_DTYPES
 
 
 @dataclass

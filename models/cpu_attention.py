@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_build import load_library
+from .cpu_build import entry_points, load_library
 
 SOURCE = r"""
 #include <cmath>
@@ -243,7 +243,6 @@ _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
 DecodeKernel = Callable[..., torch.Tensor]  # see `decode_attention` below
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -258,13 +257,10 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
     library = load_library("decode_attention", SOURCE, build_dir, "the torch path")
     if library is None:
         return None
-    functions = {torch.float32: library.kiln_decode_attention_f32,
-                 torch.bfloat16: library.kiln_decode_attention_bf16}
-    for fn in functions.values():
-        fn.restype = ctypes.c_int
-        fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64,
-                       _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64,
-                       ctypes.c_int]
+    functions = entry_points(
+        library, "kiln_decode_attention", ctypes.c_int,
+        [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64,
+         _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int])
 
     def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_writes: int,
@@ -273,9 +269,9 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         """Write the first `num_writes` rows of k/v [T, Hkv, D] to their slots, then attend
         with the first `num_seqs` rows of q [T, Hq, D], one query per sequence: kv_cache
         [2, num_blocks, block_size, Hkv, D] contiguous, float32 or bfloat16 like q/k/v
-        (`KERNEL_DTYPES`); block_tables [S', width] and seq_lens [S'] contiguous int64, their
-        first `num_seqs` rows those sequences' -> [num_rows, Hq, D], rows from `num_seqs` on
-        zero.
+        (cpu_build.KERNEL_DTYPES); block_tables [S', width] and seq_lens [S'] contiguous
+        int64, their first `num_seqs` rows those sequences' -> [num_rows, Hq, D], rows from
+        `num_seqs` on zero.
 
         A decode step runs one of these per layer with the weights streaming through the
         caches in between, so every torch call here costs 10-20 us: hence pointers and

@@ -12,7 +12,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger("kiln")
+
+# Each kernel takes float32 or bfloat16, one entry point per dtype: `<name>_f32`, `<name>_bf16`.
+_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+KERNEL_DTYPES = tuple(_SUFFIXES)
 
 # Loads and stores of float and bfloat16 (the upper 16 bits of a float, held as uint16_t)
 # for kernels that take either; their sums are always taken in float.
@@ -79,3 +85,13 @@ def load_library(name: str, source: str, build_dir: Path, fallback: str) -> ctyp
         logger.warning("CPU %s kernel unavailable (%s); using %s", name.replace("_", " "),
                        detail.strip().splitlines()[-1] if detail.strip() else e, fallback)
         return None
+
+
+def entry_points(library: ctypes.CDLL, name: str, restype, argtypes: list) -> dict:
+    """dtype -> the library's `<name>_<dtype>` function, typed for ctypes."""
+    functions = {}
+    for dtype, suffix in _SUFFIXES.items():
+        fn = getattr(library, f"{name}_{suffix}")
+        fn.restype, fn.argtypes = restype, argtypes
+        functions[dtype] = fn
+    return functions

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_build import load_library
+from .cpu_build import entry_points, load_library
 
 SOURCE = r"""
 #include <algorithm>
@@ -47,9 +47,10 @@ static inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
 }
 #endif
 
-// Four rows' dot products with x, written out for AVX-512, where GCC's own vectorised loop
-// below streamed float32 weights at 11 GB/s here against 23 by hand; false where this CPU
-// or k does not allow it. `next`: the four rows two groups on, or null.
+// Four rows' dot products with x, written out for AVX-512: GCC's own vectorised loop below
+// streamed float32 weights at 11 GB/s here (with the rows fetched a group at a time), this
+// at 23; false where this CPU or k does not allow it. `next`: the four rows two groups on,
+// or null.
 static inline bool dot4_by_hand(const float* x, const float* w, int64_t k, float* s,
                                 const float* next) {
 #if defined(__AVX512F__)
@@ -158,11 +159,8 @@ def load_linear_kernel(build_dir: Path) -> bool:
     library = load_library("linear_row", SOURCE, build_dir, "F.linear")
     if library is None:
         return False
-    for dtype, fn in ((torch.float32, library.kiln_linear_row_f32),
-                      (torch.bfloat16, library.kiln_linear_row_bf16)):
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-        _functions[dtype] = fn
+    _functions.update(entry_points(library, "kiln_linear_row", None,
+                                   [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]))
     return True
 
 

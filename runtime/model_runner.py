@@ -15,7 +15,8 @@ import torch
 from ..compiler.cache import CompileCache
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
-from ..models.cpu_attention import KERNEL_DTYPES, load_decode_kernel
+from ..models.cpu_attention import load_decode_kernel
+from ..models.cpu_build import KERNEL_DTYPES
 from ..models.cpu_linear import load_linear_kernel
 from ..models.huge_pages import advise_huge_pages
 from ..models.loader import build_model, init_dummy_weights, load_weights
@@ -66,8 +67,9 @@ class ModelRunner:
         self.decode_kernel = None  # filled into each step's metadata (CPU only)
         if self.device.type == "cpu" and config.model.dtype in KERNEL_DTYPES:
             self.decode_kernel = load_decode_kernel(config.kernel_dir)
-            if not config.enforce_eager:  # compiled one-token pieces call it
-                load_linear_kernel(config.kernel_dir)
+            if not config.enforce_eager and \
+                    "single_token_linear_as_row_kernel" in config.compilation.passes:
+                load_linear_kernel(config.kernel_dir)  # the one-token pieces call it
         layers = self.model.attention_layers()
         attn = layers[0]
         self.bytes_per_block = (2 * len(layers) * self.block_size * attn.num_kv_heads
