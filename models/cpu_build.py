@@ -1,7 +1,9 @@
 """Building kiln's own C++ kernels for CPU (models/cpu_attention.py, models/cpu_linear.py):
 each source is compiled once with g++ (Inductor's compiler on CPU) into a library kept in
-a build directory, keyed by its source, flags and this CPU, and loaded through ctypes (no
-torch headers to compile: about a second each)."""
+a build directory, keyed by its source, flags and this CPU, and loaded with ctypes: either
+plain functions called through ctypes (no torch headers to compile: about a second), or a
+torch op's kernel registered with the dispatcher through torch's stable C interface as the
+library loads (its small headers: about 3 s)."""
 
 import ctypes
 import hashlib
@@ -58,8 +60,18 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def _build(name: str, source: str, build_dir: Path) -> Path:
-    key = hashlib.sha256("|".join([source, COMPILER, *FLAGS, _cpu_signature()])
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """Flags to compile against torch's headers, and to link its library (after the
+    source: the linker drops libraries nothing before them needs)."""
+    root = Path(torch.__file__).parent
+    return [f"-I{root / 'include'}"], [f"-L{root / 'lib'}", "-ltorch_cpu",
+                                       f"-Wl,-rpath,{root / 'lib'}"]
+
+
+def _build(name: str, source: str, build_dir: Path, torch_op: bool) -> Path:
+    compile_flags, link_flags = _torch_flags() if torch_op else ([], [])
+    key = hashlib.sha256("|".join([source, COMPILER, *FLAGS, *compile_flags, *link_flags,
+                                   torch.__version__, _cpu_signature()])
                          .encode()).hexdigest()[:24]
     library = build_dir / f"{name}-{key}.so"
     if library.exists():
@@ -69,17 +81,19 @@ def _build(name: str, source: str, build_dir: Path) -> Path:
         path = Path(tmp) / f"{name}.cpp"
         path.write_text(source)
         built = Path(tmp) / library.name
-        subprocess.run([COMPILER, *FLAGS, str(path), "-o", str(built)], check=True,
-                       capture_output=True, text=True)
+        subprocess.run([COMPILER, *FLAGS, *compile_flags, str(path), "-o", str(built),
+                        *link_flags], check=True, capture_output=True, text=True)
         os.replace(built, library)  # atomic: a concurrent build leaves one whole library
     return library
 
 
-def load_library(name: str, source: str, build_dir: Path, fallback: str) -> ctypes.CDLL | None:
+def load_library(name: str, source: str, build_dir: Path, fallback: str,
+                 torch_op: bool = False) -> ctypes.CDLL | None:
     """The library built from `source` (NUMBERS prepended) into `build_dir` if it is not
-    there yet; None, with a warning naming `fallback`, when it cannot be built or loaded."""
+    there yet (`torch_op`: with torch's headers and library); None, with a warning naming
+    `fallback`, when it cannot be built or loaded."""
     try:
-        return ctypes.CDLL(str(_build(name, NUMBERS + source, build_dir)))
+        return ctypes.CDLL(str(_build(name, NUMBERS + source, build_dir, torch_op)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         logger.warning("CPU %s kernel unavailable (%s); using %s", name.replace("_", " "),

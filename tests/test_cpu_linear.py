@@ -12,6 +12,8 @@ from kiln.models.cpu_linear import load_linear_kernel
 def kernel(tmp_path_factory):
     assert load_linear_kernel(tmp_path_factory.mktemp("kernels")), \
         "g++ (which Inductor needs on CPU too) should build the kernel"
+    # Loading registered the C++ kernel: the op no longer falls through to F.linear.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("kiln::linear_row", "CPU")
 
 
 def _steps_apart(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
