@@ -202,13 +202,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                   meta.seq_lens, nd, q.shape[0], scale, sliding_window or 0)
     num_padded = q.shape[0] - num_tokens
     q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
-    write_kv(kv_cache, k, v, meta.slot_mapping)
     outputs = []
-    if nd > 0 and kernel:
-        outputs.append(meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, 0,
-                                          meta.block_tables, meta.seq_lens, nd, nd, scale,
-                                          sliding_window or 0))
-    elif nd > 0:
+    if kernel:
+        # One call writes every new key and value (index_copy_ took 1.2 ms for a chunk of 2048
+        # tokens here), then attends the decodes, if any.
+        decodes = meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, num_tokens,
+                                     meta.block_tables, meta.seq_lens, nd, nd, scale,
+                                     sliding_window or 0)
+        if nd > 0:
+            outputs.append(decodes)
+    else:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+    if nd > 0 and not kernel:
         tables = meta.block_tables[:nd]
         mask = _shared(("decode", sliding_window), lambda: _group_mask(
             meta.seq_lens[:nd], meta.query_lens[:nd], 1,

@@ -86,18 +86,21 @@ def test_padded_decode_step_with_strided_inputs(kernel):
 
 
 def test_kernel_in_a_batch_with_a_prefill_and_one_thread(kernel):
-    """Decodes go through the kernel, the prefill chunk through the torch path, in one step;
-    with fewer sequences than threads the kernel splits each sequence's positions across
-    threads and merges the parts."""
+    """Decodes go through the kernel, the prefill chunk through the torch path, in one step
+    (the kernel writes every new key and value); with fewer sequences than threads the
+    kernel splits each sequence's positions across threads and merges the parts."""
     q, k, v, cache, meta = _batch([6, 13], 7, 6, 2, 32, seed=1)
-    expected = paged_attention(q, k, v, cache.clone(), meta, 0.2)
+    expected_cache = cache.clone()
+    expected = paged_attention(q, k, v, expected_cache, meta, 0.2)
     meta.decode_kernel = kernel
     threads = torch.get_num_threads()
     try:
         for n in (1, threads, threads + 3):
             torch.set_num_threads(n)
-            got = paged_attention(q, k, v, cache.clone(), meta, 0.2)
+            got_cache = cache.clone()
+            got = paged_attention(q, k, v, got_cache, meta, 0.2)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert torch.equal(got_cache, expected_cache)  # the prefill's keys too
     finally:
         torch.set_num_threads(threads)
 
