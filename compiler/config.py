@@ -61,13 +61,14 @@ class CompilationConfig:
                 raise ValueError(f"unknown compilation_config key {key!r}{hint}")
         return cls(**value)
 
-    def for_device(self, device_type: str) -> "CompilationConfig":
-        """This config with its defaults settled for the device. On CPU: `cpu_passes()`, and
+    def for_device(self, device_type: str, dtype=None) -> "CompilationConfig":
+        """This config with its defaults settled for the device and the model's dtype (a
+        torch.dtype; None: not known). On CPU: `cpu_passes(dtype)`, and
         dynamic artifacts (3 compiles instead of 12 for the default sizes, and kernels as
         fast as per-size ones here). On CUDA: no passes (cuBLAS runs one or a few rows well
         as it is) and one artifact per size, the path measured there."""
         cpu = device_type == "cpu"
-        passes = self.passes if self.passes is not None else cpu_passes() if cpu else []
+        passes = self.passes if self.passes is not None else cpu_passes(dtype) if cpu else []
         return replace(self, passes=passes,
                        dynamic=self.dynamic if self.dynamic is not None else cpu)
 
@@ -76,13 +77,18 @@ class CompilationConfig:
         return {**options, **self.inductor_options}
 
 
-def cpu_passes() -> list[str]:
-    """kiln's passes on this CPU. One-token pieces: kiln's row kernel where it is written
-    out for AVX-512 (the CPU it was measured faster on), Inductor's reduction elsewhere (an
-    AVX2 CPU, where that was measured); a few rows: W·xᵀ."""
+def cpu_passes(dtype=None) -> list[str]:
+    """kiln's passes on this CPU for a model in `dtype`. One-token pieces: kiln's row kernel
+    where it is written out for AVX-512 (the CPU it was measured faster on), Inductor's
+    reduction elsewhere (an AVX2 CPU, where that was measured). A few rows: W·xᵀ, except in
+    float32 on AVX-512, where MKL ran x·Wᵀ faster (64 prompts x 64 new tokens on the Xeon of
+    these notes, in one process, alternating: 338-351 tok/s without the pass against 275-329
+    with it, same tokens; in bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
     import torch
 
-    single = "single_token_linear_as_row_kernel" \
-        if torch.backends.cpu.get_cpu_capability().startswith("AVX512") \
-        else "single_token_linear_as_reduction"
-    return [single, "linear_as_weight_times_input"]
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    passes = ["single_token_linear_as_row_kernel" if avx512
+              else "single_token_linear_as_reduction"]
+    if not (avx512 and dtype == torch.float32):
+        passes.append("linear_as_weight_times_input")
+    return passes

@@ -108,8 +108,7 @@ class LLM:
         from .models.config import read_config
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        compilation = CompilationConfig.from_user(compilation_config).for_device(device.type)
-        compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
+        compilation = CompilationConfig.from_user(compilation_config)
         folder = resolve_model(model, revision)
         arch_config = read_config(folder)
         is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES
@@ -128,11 +127,14 @@ class LLM:
         checkpoint_dtype = arch_config.dtype or torch.float32
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
+        model_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+        compilation = compilation.for_device(device.type, model_dtype)
+        compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         self.config = EngineConfig(
             model=ModelConfig(
                 path=str(folder), arch_config=arch_config, tokenizer=str(tokenizer_folder),
                 tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
-                dtype=resolve_dtype(dtype, checkpoint_dtype, device),
+                dtype=model_dtype,
                 max_model_len=max_len, seed=seed, load_format=load_format,
             ),
             cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,

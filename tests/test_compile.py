@@ -373,3 +373,22 @@ def test_the_vector_isa_verdict_is_kept_only_for_the_widest_set(tmp_path, monkey
         monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: listed[0])
         remember_vec_isa(tmp_path)
     assert [p.name.startswith("vec-isa-ok") for p in tmp_path.iterdir()] == [True]
+
+
+@pytest.mark.parametrize("capability,dtype,row_kernel,weight_times_input", [
+    ("AVX512", torch.float32, True, False),  # MKL ran x·Wᵀ faster there in float32
+    ("AVX512", torch.bfloat16, True, True),
+    ("AVX2", torch.float32, False, True),
+    ("AVX512", None, True, True),  # dtype not known: as before
+])
+def test_cpu_default_passes_follow_the_cpu_and_the_dtype(monkeypatch, capability, dtype,
+                                                         row_kernel, weight_times_input):
+    from kiln.compiler.config import CompilationConfig
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    passes = CompilationConfig().for_device("cpu", dtype).passes
+    assert ("single_token_linear_as_row_kernel" in passes) == row_kernel
+    assert ("single_token_linear_as_reduction" in passes) != row_kernel
+    assert ("linear_as_weight_times_input" in passes) == weight_times_input
+    assert CompilationConfig(passes=[]).for_device("cpu", dtype).passes == []  # the user's win
+    assert CompilationConfig().for_device("cuda", dtype).passes == []
