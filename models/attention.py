@@ -213,12 +213,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             outputs.append(decodes)
     else:
         write_kv(kv_cache, k, v, meta.slot_mapping)
-    if nd > 0 and not kernel:
-        tables = meta.block_tables[:nd]
-        mask = _shared(("decode", sliding_window), lambda: _group_mask(
-            meta.seq_lens[:nd], meta.query_lens[:nd], 1,
-            tables.shape[1] * kv_cache.shape[2], sliding_window))
-        outputs.append(_attend_decode(q[:nd], kv_cache, tables, mask, scale))
+        if nd > 0:
+            tables = meta.block_tables[:nd]
+            mask = _shared(("decode", sliding_window), lambda: _group_mask(
+                meta.seq_lens[:nd], meta.query_lens[:nd], 1,
+                tables.shape[1] * kv_cache.shape[2], sliding_window))
+            outputs.append(_attend_decode(q[:nd], kv_cache, tables, mask, scale))
     if q.shape[0] > nd:
         tables = meta.block_tables[nd:]
         rows, cols = _shared("prefill rows", lambda: (meta.token_to_seq[nd:] - nd,

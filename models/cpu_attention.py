@@ -165,10 +165,9 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
 // Every head of one sequence (each key/value head shared by `group` query heads) over
 // positions [start, start + n), n >= 1. kDim > 0 fixes the head size at compile time
 // (unrolled, vectorised loops); 0 takes it from `dim`. `where`, `converted`: scratch for
-// n offsets and 16 float rows.
-// With `stats`, the output is left unnormalised and each query head's largest score and
-// sum of exponentials go to stats[2r], stats[2r+1] (one part of a sequence split over
-// positions, merged by `merge_parts`).
+// n offsets and 16 float rows. With `stats`, the output is left unnormalised and each
+// query head's largest score and sum of exponentials go to stats[2r], stats[2r+1] (one
+// part of a sequence split over positions, merged by `merge_parts`).
 template <int kDim, typename T>
 static void attend(const float* q, const T* k_cache, const T* v_cache,
                    const int64_t* table, int64_t start, int64_t n, int64_t block_size,
