@@ -16,12 +16,7 @@ from tqdm.auto import tqdm
 from ..compiler.backend import KilnBackend
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
-from ..compiler.inductor import (
-    configure_dynamo,
-    configure_inductor,
-    keep_builds_in,
-    remember_vec_isa,
-)
+from ..compiler.inductor import configure_dynamo, remember_vec_isa, start_inductor
 from ..compiler.record import TRACED_SOURCE, describe, restore
 from ..models import AttentionMetadata, attention_context
 from .buckets import decode_sizes, padded_size
@@ -51,9 +46,7 @@ class GraphRunner:
         if enforce_eager:
             return
         self.cache = cache
-        if cache is not None:
-            keep_builds_in(cache.root)  # before anything imports Inductor: it reads this once
-            configure_inductor(cache.root)
+        start_inductor(cache.root if cache is not None else None, device)
         configure_dynamo(64)
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
         self.record_key = hashlib.sha256(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..compiler.cache import CompileCache
+from ..compiler.inductor import start_inductor
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
@@ -53,6 +54,12 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.cache.block_size
         hf = config.model.arch_config
+        cache_dir = config.compile_cache_dir
+        compile_cache = CompileCache(cache_dir) \
+            if cache_dir is not None and not config.enforce_eager else None
+        if not config.enforce_eager:  # Inductor's CPU check runs beside the loading below
+            start_inductor(compile_cache.root if compile_cache is not None else None,
+                           self.device)
         start = time.perf_counter()
         # What other engines in this process hold, so the KV cache is sized from this one's use
         self.memory_before = (torch.cuda.memory_allocated(self.device)
@@ -88,13 +95,11 @@ class ModelRunner:
                     "of max_model_len=%d fit at once", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, cache.numel() * cache.element_size() / 2**30,
                     self.num_blocks * self.block_size / max_len, max_len)
-        cache_dir = config.compile_cache_dir
         self.graph_runner = GraphRunner(
             self.model, self.device, config.enforce_eager, config.compilation,
             config.compile_sizes(), config.scheduler.max_num_seqs,
             -(-max_len // self.block_size), self.sink_block, self.block_size,
-            CompileCache(cache_dir) if cache_dir is not None and not config.enforce_eager
-            else None, config.compile_cache_salt())
+            compile_cache, config.compile_cache_salt())
 
     def dummy_metadata(self, num_tokens: int) -> AttentionMetadata:
         """A decode-only step of `num_tokens` one-token sequences in the sink block, for
