@@ -5,11 +5,12 @@ kiln compiles the decoder layer, not the whole model (graphs/runner.py): Dynamo 
 layer call with a symbolic token count, and every other layer of the same structure reuses
 that trace, so tracing time does not grow with depth. The traced graph is split at the
 attention call (`kiln::paged_attention`, or `kiln::encoder_attention` in encoders); the
-attention runs as it is, every other piece is compiled by
-Inductor for the token counts it is called with: one static shape per size, or (`dynamic`)
-one artifact with a symbolic token count for each run of sizes above 1 that the same passes
-apply to. Pieces are keyed by their structure and input shapes, never by which layer they
-came from."""
+attention runs as it is, every other piece is compiled by Inductor for the token counts it
+is called with (on CPU with kiln's attention kernel, `kiln::paged_attention` is no split
+point: Inductor's code calls the op's C++ kernel itself, and a decoder layer is one piece):
+one static shape per size, or (`dynamic`) one artifact with a symbolic token count for each
+run of sizes above 1 that the same passes apply to. Pieces are keyed by their structure and
+input shapes, never by which layer they came from."""
 
 import bisect
 import contextlib
@@ -56,15 +57,13 @@ PASSES = {
 logger = logging.getLogger("kiln")
 
 
-def _split_op(node: fx.Node):
-    """The plain function behind a split-point op, or None if the node is not one."""
+def _split_op(node: fx.Node, names: tuple[str, ...]):
+    """The plain function behind the node's op if it is one of the split points `names`
+    (keys of SPLIT_OPS), else None."""
     if node.op != "call_function":
         return None
-    return next((fn for name, fn in SPLIT_OPS.items() if name in str(node.target)), None)
-
-
-def is_attention(node: fx.Node) -> bool:
-    return _split_op(node) is not None
+    op = str(node.target).removesuffix(".default")
+    return SPLIT_OPS[op] if op in names else None
 
 
 class UncompiledSizeError(RuntimeError):
@@ -277,8 +276,9 @@ class DirectCall:
 
 class KilnBackend:
     def __init__(self, config: CompilationConfig, cache: CompileCache | None, sizes: list[int],
-                 cache_salt: str):
+                 cache_salt: str, split_at: tuple[str, ...] = tuple(SPLIT_OPS)):
         self.config = config
+        self.split_at = split_at  # the ops graphs are split at; others compile in their piece
         self.cache = cache
         self.sizes = sorted(set(sizes))
         self.ranges = self._ranges(self.sizes) if config.dynamic else {}
@@ -300,16 +300,16 @@ class KilnBackend:
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
-            if is_attention(node):
+            if _split_op(node, self.split_at) is not None:
                 pieces[node] = piece + 1
                 piece += 2
             else:
                 pieces[node] = piece
         split = split_module(gm, None, lambda n: pieces[n], keep_original_order=True)
         for name, sub in list(split.named_children()):
-            calls = [n for n in sub.graph.nodes if is_attention(n)]
+            calls = [n for n in sub.graph.nodes if _split_op(n, self.split_at) is not None]
             for node in calls:
-                node.target = _split_op(node)
+                node.target = _split_op(node, self.split_at)
             if calls:
                 sub.recompile()
             else:

@@ -61,6 +61,13 @@ def configure_dynamo(limit: int) -> None:
         config.cache_size_limit = limit
 
 
+def keep_static(tensor: torch.Tensor) -> None:
+    """Trace `tensor` with its sizes as constants. Under dynamic=True Dynamo gives a plain
+    tensor attribute symbolic sizes: a layer's KV cache, once the attention is compiled into
+    the layer's piece, would then look sized by the token count."""
+    torch._dynamo.mark_static(tensor)
+
+
 def graph_input_sources(gm: torch.fx.GraphModule) -> list[str] | None:
     """For a graph Dynamo hands to a backend: the Python expression (over `L`, the traced
     function's locals) that each input was read from, in call order; None if any input has
@@ -184,11 +191,11 @@ def start_inductor(root: Path | None, device: torch.device) -> None:
     and the first compile or artifact load waits for it. A warm start leaves it where
     Inductor runs it: there its imports only competed with the model load for the
     interpreter (ready 6.0-7.2 s against 4.5-5.3). Calling this again does nothing more."""
+    if root is not None:
+        keep_builds_in(root)  # before anything imports Inductor: it reads this once
+        configure_inductor(root)
     import torch._inductor.config as inductor_config
 
-    if root is not None:
-        keep_builds_in(root)
-        configure_inductor(root)
     if device.type != "cpu" or _vec_isa_probe or inductor_config.cpp.vec_isa_ok is not None:
         return
     from torch._inductor.cpu_vec_isa import pick_vec_isa

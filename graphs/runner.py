@@ -19,6 +19,8 @@ from ..compiler.config import CompilationConfig
 from ..compiler.inductor import configure_dynamo, remember_vec_isa, start_inductor
 from ..compiler.record import TRACED_SOURCE, describe, restore
 from ..models import AttentionMetadata, attention_context
+from ..models.attention import SPLIT_OPS
+from ..models.cpu_attention import attends_in_compiled_code
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
 
@@ -48,10 +50,19 @@ class GraphRunner:
         self.cache = cache
         start_inductor(cache.root if cache is not None else None, device)
         configure_dynamo(64)
-        self.backend = KilnBackend(compilation, cache, sizes, cache_salt)
+        # Where the op's CPU kernel is registered, Inductor's code calls it directly: a
+        # one-token step then never enters Python inside a layer (see models/cpu_attention.py).
+        split_at = tuple(op for op in SPLIT_OPS if not (
+            op == "kiln.paged_attention" and device.type == "cpu" and attends_in_compiled_code()))
+        layers = model.attention_layers() if hasattr(model, "attention_layers") else []
+        if layers and "kiln.paged_attention" not in split_at:
+            # The compiled layer then takes its KV cache whole: its shape is in every artifact.
+            cache_salt += f"|kv cache {tuple(layers[0].kv_cache.shape)}"
+        self.backend = KilnBackend(compilation, cache, sizes, cache_salt, split_at)
         self.record_key = hashlib.sha256(
             f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
-            f"{compilation.dynamic}|{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
+            f"{compilation.dynamic}|{sorted(sizes)}|{split_at}|{TRACED_SOURCE}".encode()
+        ).hexdigest()[:32]
         # dynamic=True: one trace with symbolic sizes serves every token count; the pieces
         # are compiled per size or per range of sizes (see KilnBackend).
         self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,

@@ -13,14 +13,17 @@ so one long prompt never pads every decode to its length.
 """
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cpu_build import KERNEL_DTYPES
+
+if TYPE_CHECKING:
+    from .cpu_attention import DecodeKernel
 
 
 @dataclass
@@ -35,7 +38,7 @@ class AttentionMetadata:
     max_query_len: int  # longest prefill chunk (0 when the batch is decode only)
     # CPU float32/bfloat16: the decodes attend through this kernel (models/cpu_attention.py)
     # instead of gathering their blocks for SDPA; None: the torch path
-    decode_kernel: Callable | None = None
+    decode_kernel: "DecodeKernel | None" = None
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,9 +105,20 @@ def attention_context(meta: AttentionMetadata):
     if _current:
         raise RuntimeError("attention_context does not nest: one forward pass at a time")
     _current.append((meta, {}))
+    _torch_path_errors.clear()
+    kernel = meta.decode_kernel
+    if kernel is not None:
+        kernel.begin_step(meta)
     try:
         yield meta
+    except RuntimeError as e:
+        if _torch_path_errors:
+            raise _torch_path_errors[-1] from e
+        raise
     finally:
+        if kernel is not None:
+            kernel.end_step()
+        _torch_path_errors.clear()
         _current.pop()
 
 
@@ -134,11 +148,35 @@ def paged_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return paged_attention(q, k, v, kv_cache, current_metadata(), scale, sliding_window or None)
 
 
-paged_attention_op = torch.library.custom_op(
-    "kiln::paged_attention", paged_attention_step, mutates_args=("kv_cache",))
+_torch_path_errors: list[Exception] = []
 
 
-@paged_attention_op.register_fake
+def _torch_path_called_back(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            kv_cache: torch.Tensor, scale: float, sliding_window: int
+                            ) -> torch.Tensor:
+    """The torch path as the CPU kernel calls it back. The dispatcher gives that kernel an
+    error code without the message, so an exception is also kept for attention_context to
+    raise in place of the kernel's."""
+    try:
+        return paged_attention_step(q, k, v, kv_cache, scale, sliding_window)
+    except Exception as e:
+        _torch_path_errors.append(e)
+        raise
+
+
+# `kiln::paged_attention` runs the torch path unless a device kernel is registered: on CPU,
+# models/cpu_attention.py registers one from C++ that attends decode-only steps itself and
+# calls `kiln::paged_attention_torch` for every other step.
+_LIB = torch.library.Library("kiln", "FRAGMENT")
+_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale, int sliding_window)"
+           " -> Tensor")
+_LIB.define("paged_attention" + _SCHEMA)
+_LIB.impl("paged_attention", paged_attention_step, "CompositeExplicitAutograd")
+_LIB.define("paged_attention_torch" + _SCHEMA)
+_LIB.impl("paged_attention_torch", _torch_path_called_back, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("kiln::paged_attention")
 def _(q, k, v, kv_cache, scale, sliding_window):
     return torch.empty_like(q)
 

@@ -19,11 +19,11 @@ It is built on first use (models/cpu_build.py). Without a working compiler the t
 runs instead."""
 
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from . import attention  # noqa: F401  defines kiln::paged_attention, whose CPU kernel this builds
 from .cpu_build import entry_points, load_library
 
 SOURCE = r"""
@@ -384,13 +384,91 @@ static int decode_attention(
   }
 KILN_DECODE_ATTENTION(kiln_decode_attention_f32, float)
 KILN_DECODE_ATTENTION(kiln_decode_attention_bf16, uint16_t)
+
+// The metadata of the step running, given once per step by the runtime
+// (`kiln_attention_step`) and withdrawn after it; num_seqs 0: no step, or one this op's CPU
+// kernel leaves to the torch path (prefill chunks in it, or no kernel for its dtype).
+struct Step {
+  const int64_t* slots;
+  int64_t num_writes;
+  const int64_t* block_tables;
+  int64_t width;
+  const int64_t* seq_lens;
+  int64_t num_seqs;
+};
+static Step step = {nullptr, 0, nullptr, 0, nullptr, 0};
+
+extern "C" void kiln_attention_step(const int64_t* slots, int64_t num_writes,
+                                    const int64_t* block_tables, int64_t width,
+                                    const int64_t* seq_lens, int64_t num_seqs) {
+  step = {slots, num_writes, block_tables, width, seq_lens, num_seqs};
+}
+
+// `kiln::paged_attention`'s CPU kernel, registered with torch's dispatcher through its
+// stable C interface (built for torch 2.11 on), so that a compiled layer calls the attention
+// of a decode-only step without entering Python; any other step goes to the torch path,
+// `kiln::paged_attention_torch`, through the dispatcher.
+#define TORCH_TARGET_VERSION (((0ULL + 2) << 56) | ((0ULL + 11) << 48))
+#include <array>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+using c10::ScalarType;
+using torch::stable::Tensor;
+
+// [T, H, D] with each row's heads contiguous: the layout the kernel reads.
+static bool rows_of_heads(const Tensor& x, ScalarType dtype) {
+  return x.scalar_type() == dtype && x.dim() == 3 && x.stride(2) == 1 &&
+         x.stride(1) == x.size(2);
+}
+
+template <typename T>
+static int attend_step(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& kv_cache,
+                       Tensor& out, double scale, int64_t window) {
+  T* k_cache = static_cast<T*>(kv_cache.data_ptr());
+  return decode_attention<T>(
+      static_cast<const T*>(q.data_ptr()), q.stride(0), static_cast<const T*>(k.data_ptr()),
+      k.stride(0), static_cast<const T*>(v.data_ptr()), v.stride(0), step.slots,
+      step.num_writes, k_cache, k_cache + kv_cache.stride(0), step.block_tables, step.width,
+      step.seq_lens, static_cast<T*>(out.data_ptr()), step.num_seqs, q.size(0), q.size(1),
+      kv_cache.size(3), q.size(2), kv_cache.size(2), static_cast<float>(scale), window,
+      static_cast<int>(torch::stable::get_num_threads()));
+}
+
+static Tensor paged_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor kv_cache, double scale,
+                                  int64_t sliding_window) {
+  const ScalarType dtype = kv_cache.scalar_type();
+  const bool takes = step.num_seqs > 0 &&
+                     (dtype == ScalarType::Float || dtype == ScalarType::BFloat16) &&
+                     kv_cache.dim() == 5 && kv_cache.is_contiguous() &&
+                     rows_of_heads(q, dtype) && rows_of_heads(k, dtype) &&
+                     rows_of_heads(v, dtype) && q.size(0) >= step.num_seqs &&
+                     q.size(2) == kv_cache.size(4);
+  if (!takes) {
+    std::array<StableIValue, 6> stack{
+        torch::stable::detail::from(q), torch::stable::detail::from(k),
+        torch::stable::detail::from(v), torch::stable::detail::from(kv_cache),
+        torch::stable::detail::from(scale), torch::stable::detail::from(sliding_window)};
+    STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(
+        "kiln::paged_attention_torch", "", stack.data(), TORCH_ABI_VERSION));
+    return torch::stable::detail::to<Tensor>(stack[0]);
+  }
+  Tensor out = torch::stable::new_empty(q, {q.size(0), q.size(1), q.size(2)});
+  const int failed = dtype == ScalarType::Float
+      ? attend_step<float>(q, k, v, kv_cache, out, scale, sliding_window)
+      : attend_step<uint16_t>(q, k, v, kv_cache, out, scale, sliding_window);
+  STD_TORCH_CHECK(!failed, "decode attention could not allocate its scratch memory");
+  return out;
+}
+
+STABLE_TORCH_LIBRARY_IMPL(kiln, CPU, m) {
+  m.impl("paged_attention", TORCH_BOX(&paged_attention_cpu));
+}
 """
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
-
-DecodeKernel = Callable[..., torch.Tensor]  # see `decode_attention` below
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] laid out as the kernel reads it: each row's heads contiguous, rows
@@ -398,21 +476,39 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
-def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
-    """The decode attention kernel, built into `build_dir` if it is not there yet; None
-    (with a warning) when it cannot be built or loaded."""
-    library = load_library("decode_attention", SOURCE, build_dir, "the torch path")
-    if library is None:
-        return None
-    functions = entry_points(
-        library, "kiln_decode_attention", ctypes.c_int,
-        [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64,
-         _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int])
+class DecodeKernel:
+    """The built library: `kiln::paged_attention`'s CPU kernel, which it registers as it
+    loads, and the kernel itself for the torch path's steps (`__call__`)."""
 
-    def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_writes: int,
-                         block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int,
-                         num_rows: int, scale: float, sliding_window: int) -> torch.Tensor:
+    def __init__(self, library: ctypes.CDLL):
+        self.library = library  # kept: the registered op kernel lives in it
+        self.functions = entry_points(
+            library, "kiln_decode_attention", ctypes.c_int,
+            [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
+             _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int])
+        self.set_step = library.kiln_attention_step
+        self.set_step.restype = None
+        self.set_step.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _I64]
+
+    def begin_step(self, meta) -> None:
+        """Give the op's CPU kernel the metadata of a decode-only step (models/attention.py's
+        AttentionMetadata; its int64 tensors are contiguous and outlive the step): it then
+        attends every layer of the step without entering Python. Other steps go to the torch
+        path."""
+        num_tokens = meta.slot_mapping.shape[0]
+        if meta.num_decodes != num_tokens or num_tokens == 0 or \
+                meta.slot_mapping.device.type != "cpu":
+            return
+        self.set_step(meta.slot_mapping.data_ptr(), num_tokens, meta.block_tables.data_ptr(),
+                      meta.block_tables.shape[1], meta.seq_lens.data_ptr(), num_tokens)
+
+    def end_step(self) -> None:
+        self.set_step(None, 0, None, 0, None, 0)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor, num_writes: int,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, num_seqs: int,
+                 num_rows: int, scale: float, sliding_window: int) -> torch.Tensor:
         """Write the first `num_writes` rows of k/v [T, Hkv, D] to their slots, then attend
         with the first `num_seqs` rows of q [T, Hq, D], one query per sequence: kv_cache
         [2, num_blocks, block_size, Hkv, D] contiguous, float32 or bfloat16 like q/k/v
@@ -427,7 +523,7 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
         _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         out = q.new_empty((num_rows, q.shape[1], head_dim))
         k_cache = kv_cache.data_ptr()
-        fn = functions[kv_cache.dtype]
+        fn = self.functions[kv_cache.dtype]
         failed = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                     v.stride(0), slot_mapping.data_ptr(),
                     num_writes, k_cache, k_cache + kv_cache.stride(0) * kv_cache.element_size(),
@@ -438,4 +534,23 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
             raise MemoryError("decode attention could not allocate its scratch memory")
         return out
 
-    return decode_attention
+
+_kernel: list[DecodeKernel] = []  # one per process: a loaded library cannot be unloaded
+
+
+def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
+    """The decode attention kernel, built into `build_dir` if it is not there yet; None
+    (with a warning) when it cannot be built or loaded."""
+    if not _kernel:
+        library = load_library("decode_attention", SOURCE, build_dir, "the torch path",
+                               torch_op=True)
+        if library is None:
+            return None
+        _kernel.append(DecodeKernel(library))
+    return _kernel[0]
+
+
+def attends_in_compiled_code() -> bool:
+    """Whether `kiln::paged_attention` has its CPU kernel in this process: a compiled layer
+    can then call it itself instead of splitting there (compiler/backend.py)."""
+    return bool(_kernel)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..compiler.cache import CompileCache
-from ..compiler.inductor import start_inductor
+from ..compiler.inductor import keep_static, start_inductor
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
@@ -90,6 +90,7 @@ class ModelRunner:
         advise_huge_pages(cache)  # decode attention walks it block by block, every layer
         for layer, kv in zip(layers, cache):
             layer.kv_cache = kv
+            keep_static(kv)
         max_len = config.model.max_model_len
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); %.1f requests "
                     "of max_model_len=%d fit at once", self.num_blocks, self.block_size,

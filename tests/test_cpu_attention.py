@@ -10,7 +10,7 @@ from kiln.models.attention import (
     paged_attention,
     paged_attention_step,
 )
-from kiln.models.cpu_attention import load_decode_kernel
+from kiln.models.cpu_attention import DecodeKernel, load_decode_kernel
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +155,63 @@ def test_bfloat16_kernel_matches_the_float32_path_rounded(kernel, seq_lens, num_
 
 
 def test_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    """What load_decode_kernel does before its first load in a process (after it, the
+    loaded kernel is kept: a registered op kernel cannot be unloaded)."""
     import kiln.models.cpu_build as cpu_build
+    from kiln.models.cpu_attention import SOURCE
 
     monkeypatch.setattr(cpu_build, "COMPILER", str(tmp_path / "no-such-compiler"))
-    assert load_decode_kernel(tmp_path) is None
+    assert cpu_build.load_library("decode_attention", SOURCE, tmp_path, "the torch path",
+                                  torch_op=True) is None
     assert "torch path" in caplog.text
+
+
+@pytest.mark.parametrize("num_prefill_tokens", [0, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_op_attends_decode_only_steps_in_its_cpu_kernel(kernel, num_prefill_tokens, dtype):
+    """Once the library is loaded, `kiln::paged_attention` has a CPU kernel: within a
+    decode-only step it attends by itself, never calling the torch path (nor, through it,
+    the kernel), with the same result; any other step it hands to the torch path; outside a
+    step, the torch path's error."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("kiln::paged_attention", "CPU")
+    calls = []
+
+    class Counting(DecodeKernel):
+        def __call__(self, *args):
+            calls.append(args)
+            return super().__call__(*args)
+
+    q, k, v, cache, meta = _batch([3, 8, 21], num_prefill_tokens, 9, 3, 64, seed=5)
+    q, k, v, cache = (x.to(dtype) for x in (q, k, v, cache))
+    meta.decode_kernel = Counting(kernel.library)
+    expected_cache = cache.clone()
+    with attention_context(meta):
+        expected = paged_attention_step(q, k, v, expected_cache, 0.125, 0)
+        calls.clear()
+        got = torch.ops.kiln.paged_attention(q, k, v, cache, 0.125, 0)
+    assert len(calls) == (1 if num_prefill_tokens else 0)
+    assert torch.equal(got, expected)
+    assert torch.equal(cache, expected_cache)
+
+
+def test_an_error_on_the_torch_path_keeps_its_message(kernel, monkeypatch):
+    """The CPU kernel calls the torch path back through the dispatcher, which passes an
+    error on without its message: the step raises the torch path's own exception."""
+    import kiln.models.attention as attention
+
+    def fails(*args):
+        raise ValueError("the torch path failed")
+
+    q, k, v, cache, meta = _batch([3], 4, 4, 2, 16)
+    meta.decode_kernel = kernel
+    monkeypatch.setattr(attention, "paged_attention_step", fails)
+    with pytest.raises(ValueError, match="the torch path failed"):
+        with attention_context(meta):
+            torch.ops.kiln.paged_attention(q, k, v, cache, 0.25, 0)
+    q, k, v, cache, meta = _batch([3], 0, 4, 2, 16)
+    meta.decode_kernel = kernel
+    with attention_context(meta):  # a decode-only step never calls it
+        torch.ops.kiln.paged_attention(q, k, v, cache, 0.25, 0)
 
 
 @pytest.mark.parametrize("num_prefill_tokens", [0, 5])
