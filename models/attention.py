@@ -2,9 +2,10 @@
 that writes new K/V through `slot_mapping` and reads the context through block tables.
 
 The attention call is the custom op `kiln::paged_attention`, opaque to torch.compile: the
-compiler splits the model's graph there, and the traced graph depends only on the number of
-tokens. The op reads the step's metadata from `attention_context`, entered once per step by
-the runtime, so the metadata's shapes and host integers never become part of a graph.
+compiler splits the model's graph there (on CPU, where the op has a C++ kernel, compiled code
+calls it instead; models/cpu_attention.py), and the traced graph depends only on the number
+of tokens. The op reads the step's metadata from `attention_context`, entered once per step
+by the runtime, so the metadata's shapes and host integers never become part of a graph.
 
 A batch is flat: `T` tokens from `B` sequences, decodes (one token each) first, then
 prefill chunks. Decodes attend as one group with a query length of one; prefill chunks are

@@ -15,6 +15,13 @@ In a decode-only step the same call first writes the step's new keys and values 
 slots and zero-fills the padded rows: with every weight streaming through the caches
 between layers, each separate torch call (index_copy_, slices, cat) costs 10-20 us here.
 
+The library also registers the CPU kernel of the attention op, `kiln::paged_attention`,
+through torch's stable C interface. The runtime hands it each decode-only step's metadata
+once (`DecodeKernel.begin_step`), so a compiled decoder layer calls the attention like any
+other op, without entering Python, and a layer compiles as one piece instead of two split
+at the attention: a SmolLM2 decode step then makes 30 compiled calls instead of 60 pieces
+and 30 Python attention calls. Other steps (prefill chunks) call the torch path back.
+
 It is built on first use (models/cpu_build.py). Without a working compiler the torch path
 runs instead."""
 
