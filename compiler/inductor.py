@@ -177,7 +177,6 @@ def remember_vec_isa(root: Path) -> None:
         _vec_isa_marker(root).touch()
 
 
-
 _vec_isa_probe: list[threading.Thread] = []
 
 
