@@ -52,8 +52,9 @@ class GraphRunner:
         configure_dynamo(64)
         # Where the op's CPU kernel is registered, Inductor's code calls it directly: a
         # one-token step then never enters Python inside a layer (see models/cpu_attention.py).
+        dtype = next(model.parameters()).dtype
         split_at = tuple(op for op in SPLIT_OPS if not (
-            op == "kiln.paged_attention" and device.type == "cpu" and attends_in_compiled_code()))
+            op == "kiln.paged_attention" and attends_in_compiled_code(device, dtype)))
         layers = model.attention_layers() if hasattr(model, "attention_layers") else []
         if layers and "kiln.paged_attention" not in split_at:
             # The compiled layer then takes its KV cache whole: its shape is in every artifact.

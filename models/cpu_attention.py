@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import attention  # noqa: F401  defines kiln::paged_attention, whose CPU kernel this builds
-from .cpu_build import entry_points, load_library
+from .cpu_build import KERNEL_DTYPES, entry_points, load_library
 
 SOURCE = r"""
 #include <cmath>
@@ -557,7 +557,9 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
     return _kernel[0]
 
 
-def attends_in_compiled_code() -> bool:
-    """Whether `kiln::paged_attention` has its CPU kernel in this process: a compiled layer
-    can then call it itself instead of splitting there (compiler/backend.py)."""
-    return bool(_kernel)
+def attends_in_compiled_code(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a compiled layer of a model on `device` in `dtype` should call
+    `kiln::paged_attention` itself instead of splitting there (compiler/backend.py): on CPU,
+    once the op's kernel is registered in this process, for the dtypes it attends (for
+    others it would only call the torch path back, through the dispatcher, every layer)."""
+    return device.type == "cpu" and dtype in KERNEL_DTYPES and bool(_kernel)

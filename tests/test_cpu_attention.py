@@ -226,3 +226,15 @@ def test_padded_rows_on_the_torch_path(num_prefill_tokens):
     assert torch.equal(got[:-2], expected)
     assert torch.equal(got[-2:], torch.zeros_like(got[-2:]))
     assert torch.equal(cache, expected_cache)
+
+
+def test_compiled_layers_call_the_op_where_its_kernel_attends(kernel):
+    """Only there does a compiled layer keep the attention instead of splitting at it: a
+    float16 model or a GPU would only call the torch path back through the dispatcher."""
+    from kiln.models.cpu_attention import attends_in_compiled_code
+
+    cpu = torch.device("cpu")
+    assert attends_in_compiled_code(cpu, torch.float32)
+    assert attends_in_compiled_code(cpu, torch.bfloat16)
+    assert not attends_in_compiled_code(cpu, torch.float16)
+    assert not attends_in_compiled_code(torch.device("cuda"), torch.float32)
