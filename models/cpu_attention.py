@@ -446,12 +446,17 @@ static int attend_step(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
 static Tensor paged_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor kv_cache, double scale,
                                   int64_t sliding_window) {
   const ScalarType dtype = kv_cache.scalar_type();
+  // Anything else (shapes that do not fit the cache, too few rows for the step) goes to
+  // the torch path, which reports it.
   const bool takes = step.num_seqs > 0 &&
                      (dtype == ScalarType::Float || dtype == ScalarType::BFloat16) &&
                      kv_cache.dim() == 5 && kv_cache.is_contiguous() &&
                      rows_of_heads(q, dtype) && rows_of_heads(k, dtype) &&
                      rows_of_heads(v, dtype) && q.size(0) >= step.num_seqs &&
-                     q.size(2) == kv_cache.size(4);
+                     k.size(0) >= step.num_writes && v.size(0) >= step.num_writes &&
+                     q.size(2) == kv_cache.size(4) && k.size(2) == kv_cache.size(4) &&
+                     v.size(2) == kv_cache.size(4) && k.size(1) == kv_cache.size(3) &&
+                     v.size(1) == kv_cache.size(3) && q.size(1) % kv_cache.size(3) == 0;
   if (!takes) {
     std::array<StableIValue, 6> stack{
         torch::stable::detail::from(q), torch::stable::detail::from(k),
