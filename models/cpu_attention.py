@@ -482,6 +482,7 @@ STABLE_TORCH_LIBRARY_IMPL(kiln, CPU, m) {
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [T, H, D] laid out as the kernel reads it: each row's heads contiguous, rows
     `x.stride(0)` apart (the projections' outputs usually are already)."""
