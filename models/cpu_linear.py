@@ -32,12 +32,14 @@ SOURCE = r"""
 
 // Asks for the 64 bytes at column i of the four rows that start at `next` (those of a later
 // group), if any: the hardware prefetcher stops at every 4 KiB page, and without this the
-// bfloat16 rows streamed at half the speed here.
+// bfloat16 rows streamed at half the speed on a Xeon. Into L2, not L1: on the Zen 4 EPYC
+// here, 30 layers' weights streamed at 41-47 GB/s in float32 and 40-43 in bfloat16 with L2
+// as the target, against 29-30 and 24 with L1 (a C++ loop over SmolLM2's matrices).
 template <typename T>
 static inline void fetch_ahead(const T* next, int64_t k, int64_t i) {
   if (next == nullptr) return;
   for (int r = 0; r < 4; ++r)
-    _mm_prefetch(reinterpret_cast<const char*>(next + r * k + i), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next + r * k + i), _MM_HINT_T1);
 }
 
 static inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
