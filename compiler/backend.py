@@ -35,6 +35,7 @@ from .inductor import builds_in, compile_piece, graph_input_sources
 from .passes import (
     SINGLE_TOKEN_INDUCTOR_OPTIONS,
     linear_as_weight_times_input,
+    linear_with_packed_weights,
     single_token_linear_as_reduction,
     single_token_linear_as_row_kernel,
 )
@@ -52,6 +53,7 @@ PASSES = {
                                          SINGLE_TOKEN_INDUCTOR_OPTIONS),
     "linear_as_weight_times_input": (lambda size: 1 < size <= 256,
                                      linear_as_weight_times_input, {}),
+    "linear_with_packed_weights": (lambda size: size > 1, linear_with_packed_weights, {}),
 }
 
 logger = logging.getLogger("kiln")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields, replace
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 KNOWN_PASSES = ("single_token_linear_as_row_kernel", "single_token_linear_as_reduction",
-                "linear_as_weight_times_input")
+                "linear_as_weight_times_input", "linear_with_packed_weights")
 
 
 @dataclass
@@ -83,7 +83,9 @@ def cpu_passes(dtype=None) -> list[str]:
     reduction elsewhere (an AVX2 CPU, where that was measured). A few rows: W·xᵀ, except in
     float32 on AVX-512, where MKL ran x·Wᵀ faster (64 prompts x 64 new tokens on the Xeon of
     these notes, in one process, alternating: 338-351 tok/s without the pass against 275-329
-    with it, same tokens; in bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
+    with it, same tokens; in bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755) and
+    oneDNN with packed weights faster still (models/cpu_packed_linear.py, measured on the
+    Zen 4 EPYC here)."""
     import torch
 
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -91,4 +93,6 @@ def cpu_passes(dtype=None) -> list[str]:
               else "single_token_linear_as_reduction"]
     if not (avx512 and dtype == torch.float32):
         passes.append("linear_as_weight_times_input")
+    elif torch.backends.mkldnn.is_available():
+        passes.append("linear_with_packed_weights")
     return passes

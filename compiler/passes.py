@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..models import cpu_linear  # noqa: F401  (defines kiln::linear_row)
+# Imported for the ops they define: kiln::linear_row, kiln::linear_packed
+from ..models import cpu_linear, cpu_packed_linear  # noqa: F401
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 
@@ -64,6 +65,19 @@ def linear_as_weight_times_input(gm: fx.GraphModule) -> int:
         # Row-major again: a piece's outputs feed pieces compiled for row-major inputs
         # (Inductor fuses the copy into the consumer where it can).
         return _with_value(graph.call_method("contiguous", (out,)))
+
+    return _rewrite_linears(gm, build)
+
+
+def linear_with_packed_weights(gm: fx.GraphModule) -> int:
+    """In a piece compiled for several rows on CPU, compute y = x W^T with oneDNN and W's
+    packed copy (`kiln::linear_packed`, models/cpu_packed_linear.py) instead of MKL on the
+    plain W. Returns the number of linears rewritten."""
+    def build(graph: fx.Graph, x: fx.Node, weight: fx.Node) -> fx.Node | None:
+        if x.meta["example_value"].dim() != 2:
+            return None
+        return _with_value(graph.call_function(torch.ops.kiln.linear_packed.default,
+                                               (x, weight)))
 
     return _rewrite_linears(gm, build)
 

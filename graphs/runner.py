@@ -21,6 +21,7 @@ from ..compiler.record import TRACED_SOURCE, describe, restore
 from ..models import AttentionMetadata, attention_context
 from ..models.attention import SPLIT_OPS
 from ..models.cpu_attention import attends_in_compiled_code
+from ..models.cpu_packed_linear import pack_linear_weights
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
 
@@ -49,6 +50,8 @@ class GraphRunner:
             return
         self.cache = cache
         start_inductor(cache.root if cache is not None else None, device)
+        if "linear_with_packed_weights" in compilation.passes:
+            pack_linear_weights(model)  # the pieces of several rows use the packed copies
         configure_dynamo(64)
         # Where the op's CPU kernel is registered, Inductor's code calls it directly: a
         # one-token step then never enters Python inside a layer (see models/cpu_attention.py).

@@ -289,6 +289,20 @@ def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
     assert seen == [(4, 4, 0, (4, True))]
 
 
+def test_packed_weights_pass_turns_every_linear_of_several_rows_into_the_op(tiny_llama):
+    from kiln.compiler.passes import linear_with_packed_weights
+    from kiln.models.cpu_packed_linear import can_pack
+
+    if not can_pack(torch.device("cpu"), torch.float32):
+        pytest.skip("torch built without oneDNN")
+
+    def packed_calls(graph):
+        return sum(1 for n in graph.nodes if n.target is torch.ops.kiln.linear_packed.default)
+
+    seen = _run_pass_on_layer(tiny_llama[0], linear_with_packed_weights, 8, packed_calls)
+    assert seen == [(4, 4, 0, 4)]
+
+
 def _without_build_dirs() -> dict:
     return {k: v for k, v in os.environ.items()
             if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
@@ -392,5 +406,8 @@ def test_cpu_default_passes_follow_the_cpu_and_the_dtype(monkeypatch, capability
     assert ("single_token_linear_as_row_kernel" in passes) == row_kernel
     assert ("single_token_linear_as_reduction" in passes) != row_kernel
     assert ("linear_as_weight_times_input" in passes) == weight_times_input
+    # float32 on AVX-512 (where x·Wᵀ stays): oneDNN with packed weights for several rows
+    assert ("linear_with_packed_weights" in passes) == (
+        capability == "AVX512" and dtype == torch.float32)
     assert CompilationConfig(passes=[]).for_device("cpu", dtype).passes == []  # the user's win
     assert CompilationConfig().for_device("cuda", dtype).passes == []
