@@ -7,7 +7,7 @@ SDPA on it; for 64 sequences of 192 tokens that copy and SDPA's one-query flash 
 for each sequence it scores every query head against the keys, takes the softmax and sums
 the values, reading each cached key and value once (1.0 ms for the same batch on the AVX2
 EPYC of earlier notes). On AVX-512 the scores and value sums are written out by hand: on
-this Xeon, 64 sequences of 192 tokens in bfloat16 took 1.1-1.3 ms a layer instead of
+a Xeon, 64 sequences of 192 tokens in bfloat16 took 1.1-1.3 ms a layer instead of
 1.4-1.7 with GCC's loops (0.6 instead of 0.76 with the cache hot); in a 64-sequence
 generation, 13 % more tokens/s in bfloat16 and 10 % in float32.
 
