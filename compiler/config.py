@@ -88,11 +88,13 @@ def cpu_passes(dtype=None) -> list[str]:
     Zen 4 EPYC here)."""
     import torch
 
+    from ..models.cpu_packed_linear import can_pack
+
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     passes = ["single_token_linear_as_row_kernel" if avx512
               else "single_token_linear_as_reduction"]
     if not (avx512 and dtype == torch.float32):
         passes.append("linear_as_weight_times_input")
-    elif torch.backends.mkldnn.is_available():
+    elif can_pack(torch.device("cpu"), dtype):
         passes.append("linear_with_packed_weights")
     return passes

@@ -77,14 +77,14 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 @torch.no_grad()
 def pack_linear_weights(model: nn.Module) -> int:
-    """Give every linear projection of `model` (2-D float32 CPU weights loaded in place)
-    its packed copy, kept until the weight is freed; returns how many were packed."""
+    """Give every linear projection of `model` (float32 CPU weights loaded in place) its
+    packed copy, kept until the weight is freed; returns how many were packed."""
     count = 0
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear):  # every projection's class
             continue
         weight = module.weight
-        if weight.dim() != 2 or not can_pack(weight.device, weight.dtype):
+        if not can_pack(weight.device, weight.dtype):
             continue
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_FOR_ROWS)
         ptr = weight.data_ptr()
