@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import model_class
-from .huge_pages import advise_huge_pages
+from .huge_pages import gather_weights
 
 
 @contextlib.contextmanager
@@ -24,14 +24,13 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Construct the model with uninitialised parameters on `device` (no init pass), large
-    CPU ones asking for huge pages before anything is written to them (models/huge_pages.py;
-    about 1 ms of a 37 ms batch-1 decode step of SmolLM2 here, interleaved A/B)."""
+    """Construct the model with uninitialised parameters on `device` (no init pass); on the
+    CPU they are then laid out in one buffer on huge pages before anything is written to
+    them (models/huge_pages.py)."""
     cls = model_class(config.architectures[0])
     with torch.device(device), _default_dtype(dtype):
         model = cls(config).eval()
-    for param in model.parameters():
-        advise_huge_pages(param)
+    gather_weights(model)
     return model
 
 

@@ -89,3 +89,15 @@ def test_weights_and_kv_cache_are_built_on_huge_pages(smollm2):
     assert "hg" in _vm_flags(-(-embedding.data_ptr() // (2 << 20)) * (2 << 20))
     cache = model.attention_layers()[0].kv_cache
     assert "hg" in _vm_flags(-(-cache.data_ptr() // (2 << 20)) * (2 << 20))
+
+
+def test_weights_share_one_buffer_in_declaration_order(smollm2):
+    params = list(smollm2.engine.runner.model.parameters())
+    storage = params[0].untyped_storage().data_ptr()
+    assert params[0].data_ptr() % (2 << 20) == 0  # huge pages cover them from the first byte
+    ends = params[0].data_ptr()
+    for param in params:
+        assert param.untyped_storage().data_ptr() == storage
+        assert param.data_ptr() % 64 == 0 and param.is_contiguous()
+        assert ends <= param.data_ptr() < ends + 64  # next to the one before it
+        ends = param.data_ptr() + param.numel() * param.element_size()
