@@ -119,13 +119,13 @@ class GraphRunner:
             return self.cuda_graphs.replay(input_ids, positions, meta, size)
         self.steps["compiled", size] += 1
         self.input_ids[:num_tokens].copy_(input_ids)
-        self.input_ids[num_tokens:size] = 0
         self.positions[:num_tokens].copy_(positions)
-        self.positions[num_tokens:size] = 0
         if token_type_ids is not None:
             self.token_type_ids[:num_tokens].copy_(token_type_ids)
-            self.token_type_ids[num_tokens:size] = 0
             extra["token_type_ids"] = self.token_type_ids[:size]
+        if size > num_tokens:
+            for buffer in (self.input_ids, self.positions, self.token_type_ids):
+                buffer[num_tokens:size] = 0
         with attention_context(meta):
             hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size],
                                             **extra)

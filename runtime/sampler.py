@@ -103,13 +103,17 @@ class SamplingBatch:
         if allowed_rows:
             allowed = (column(allowed_rows, torch.int64), torch.stack(allowed_masks).to(device))
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        # Two tensors, not six: each costs its microseconds again in every decode step.
+        floats = column([(p.temperature, p.top_p, p.min_p) for p in params], torch.float32)
+        ints = column([(k, r.seed, r.num_output_tokens) for k, r in zip(top_k, requests)],
+                      torch.int64)
         return cls(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_p=column([p.top_p for p in params], torch.float32),
-            top_k=column(top_k, torch.int64),
-            min_p=column([p.min_p for p in params], torch.float32),
-            seeds=column([r.seed for r in requests], torch.int64),
-            steps=column([r.num_output_tokens for r in requests], torch.int64),
+            temperature=floats[:, 0],
+            top_p=floats[:, 1],
+            top_k=ints[:, 0],
+            min_p=floats[:, 2],
+            seeds=ints[:, 1],
+            steps=ints[:, 2],
             is_all_greedy=all(p.is_greedy for p in params),
             needs_filter=any(p.top_p < 1 or 1 < k < vocab_size or p.min_p > 0
                              for p, k in zip(params, top_k)),
