@@ -195,24 +195,24 @@ def _widest_listed_vec_isa():
                  if all(flag in flags for flag in str(isa).split())), None)
 
 
-def _check_vec_isa(root: Path | None) -> None:
+def _check_vec_isa() -> None:
     """Inductor's check of which vector instruction sets build and load, shortened where it
     can be. Inductor builds and loads a probe library for every set the CPU lists (AVX-512
     with VNNI, AVX-512 and AVX2 on the Zen 4 EPYC here: 7.2 s, one after another), then
     picks the widest that passed. So when the widest listed passes its own probe (2.8 s),
-    the answer is known: the verdict is trusted for this process and kept under `root`, as
-    `remember_vec_isa` keeps it after a full check. Cold starts of SmolLM2 in bfloat16 there,
-    alternating processes: ready in 32.8 / 30.3 / 30.7 s against 33.5 / 32.4 / 31.5, the
-    first compile waiting 1.2-1.8 s for the check instead of 6.0-6.6."""
+    the answer is known, and Inductor's list is computed trusting the rest; the list is
+    cached for the process, the trust (a setting) is not, and `remember_vec_isa` keeps the
+    verdict after warm-up as it does after a full check. Inductor's settings are context
+    variables here (torch 2.13): set in this thread, the trust would never reach the main
+    one. Cold starts of SmolLM2 in bfloat16, alternating fresh processes: ready in 26.5 /
+    27.5 s against 31.1 / 30.2, the first compile waiting 1.9-2.2 s for the check instead
+    of 5.4."""
     import torch._inductor.config as inductor_config
     from torch._inductor import cpu_vec_isa
 
     widest = _widest_listed_vec_isa()
-    if widest is not None and widest:  # its truth value is its probe
-        inductor_config.cpp.vec_isa_ok = True
-        if root is not None:
-            _vec_isa_marker(root).touch()
-    else:
+    trusted = widest is not None and bool(widest)  # its truth value is its probe
+    with inductor_config.patch({"cpp.vec_isa_ok": True if trusted else None}):
         cpu_vec_isa.pick_vec_isa()
 
 
@@ -234,8 +234,7 @@ def start_inductor(root: Path | None, device: torch.device) -> None:
 
     if device.type != "cpu" or _vec_isa_probe or inductor_config.cpp.vec_isa_ok is not None:
         return
-    thread = threading.Thread(target=_check_vec_isa, args=(root,), name="kiln-vec-isa-probe",
-                              daemon=True)
+    thread = threading.Thread(target=_check_vec_isa, name="kiln-vec-isa-probe", daemon=True)
     _vec_isa_probe.append(thread)
     thread.start()
 
