@@ -195,7 +195,7 @@ def _widest_listed_vec_isa():
                  if all(flag in flags for flag in str(isa).split())), None)
 
 
-def _check_vec_isa() -> None:
+def _check_vec_isa(trusted: bool | None) -> None:
     """Inductor's check of which vector instruction sets build and load, shortened where it
     can be. Inductor builds and loads a probe library for every set the CPU lists (AVX-512
     with VNNI, AVX-512 and AVX2 on the Zen 4 EPYC here: 7.2 s, one after another), then
@@ -206,35 +206,43 @@ def _check_vec_isa() -> None:
     variables here (torch 2.13): set in this thread, the trust would never reach the main
     one. Cold starts of SmolLM2 in bfloat16, alternating fresh processes: ready in 26.5 /
     27.5 s against 31.1 / 30.2, the first compile waiting 1.9-2.2 s for the check instead
-    of 5.4."""
+    of 5.4.
+
+    `trusted`: True where a kept verdict (or the user) already trusts the sets. Inductor
+    still builds and loads probes for the sets' extensions then (AVX-512 bfloat16 and VNNI:
+    three child processes, 0.15 s of a warm start here), which this thread runs beside the
+    model load instead of in the first artifact load."""
     import torch._inductor.config as inductor_config
     from torch._inductor import cpu_vec_isa
 
-    widest = _widest_listed_vec_isa()
-    trusted = widest is not None and bool(widest)  # its truth value is its probe
+    if not trusted:
+        widest = _widest_listed_vec_isa()
+        trusted = widest is not None and bool(widest)  # its truth value is its probe
     with inductor_config.patch({"cpp.vec_isa_ok": True if trusted else None}):
         cpu_vec_isa.pick_vec_isa()
 
 
 def start_inductor(root: Path | None, device: torch.device) -> None:
     """What must precede Inductor's first use in this process: its build directories and
-    settings under the cache at `root` (None: no persistent cache), and on CPU, unless a
-    kept verdict answers it (`configure_inductor`), its check of which vector instruction
-    sets build and load (`_check_vec_isa`), started now in a thread. That check builds and
-    loads probe libraries with g++ (up to ten; 16 s of a cold start on the Xeon of earlier
-    notes); in a thread it runs beside the model load, kiln's kernel builds and tracing
-    (cold starts 31-40 s instead of 42-43 there), and the first compile or artifact load
-    waits for it. A warm start leaves it where Inductor runs it: there its imports only
-    competed with the model load for the interpreter (ready 6.0-7.2 s against 4.5-5.3).
-    Calling this again does nothing more."""
+    settings under the cache at `root` (None: no persistent cache), and on CPU its check of
+    which vector instruction sets build and load (`_check_vec_isa`), started now in a
+    thread. Cold, that check builds and loads probe libraries with g++ (up to ten; 16 s of a
+    cold start on the Xeon of earlier notes); in a thread it runs beside the model load,
+    kiln's kernel builds and tracing (cold starts 31-40 s instead of 42-43 there), and the
+    first compile or artifact load waits for it. Warm, a kept verdict (`configure_inductor`)
+    leaves three probes of the sets' extensions; beside the model load, bfloat16 warm starts
+    of SmolLM2 were ready in 3.82 s (median of 12 alternating processes) against 3.93 with
+    the probes in the first artifact load. Calling this again does nothing more."""
     if root is not None:
         keep_builds_in(root)  # before anything imports Inductor: it reads this once
         configure_inductor(root)
     import torch._inductor.config as inductor_config
 
-    if device.type != "cpu" or _vec_isa_probe or inductor_config.cpp.vec_isa_ok is not None:
+    trusted = inductor_config.cpp.vec_isa_ok
+    if device.type != "cpu" or _vec_isa_probe or trusted is False:
         return
-    thread = threading.Thread(target=_check_vec_isa, name="kiln-vec-isa-probe", daemon=True)
+    thread = threading.Thread(target=_check_vec_isa, args=(trusted,), name="kiln-vec-isa-probe",
+                              daemon=True)
     _vec_isa_probe.append(thread)
     thread.start()
 

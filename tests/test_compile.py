@@ -395,7 +395,8 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
         monkeypatch):
     """Inductor picks the widest set that passes its probe, so once the widest the CPU
     lists passes, its list is computed trusting the narrower ones (no probes); if the
-    widest fails, its whole check runs. The trust does not outlive the check."""
+    widest fails, its whole check runs. A warm start's kept verdict is trusted without
+    probing the widest. The trust does not outlive the check."""
     import torch._inductor.config as inductor_config
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
 
@@ -407,9 +408,12 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
     with inductor_config.patch({"cpp.vec_isa_ok": None}):
         for passes in (False, True):
             monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda p=passes: p)
-            inductor._check_vec_isa()
+            inductor._check_vec_isa(None)
             assert inductor_config.cpp.vec_isa_ok is None
-    assert trusted_when_picked == [None, True]
+        monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda: pytest.fail("probed"))
+        inductor._check_vec_isa(True)
+        assert inductor_config.cpp.vec_isa_ok is None
+    assert trusted_when_picked == [None, True, True]
 
 
 @pytest.mark.parametrize("capability,dtype,row_kernel,weight_times_input", [
