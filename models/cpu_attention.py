@@ -82,13 +82,47 @@ static inline __m512 sum16(const __m512* v) {
 
 // Scaled scores of every query head against positions' keys (rows at `where`), written
 // out for AVX-512: sixteen positions' dot products summed together by `sum16` instead of
-// one horizontal sum each, which GCC's loop spent most of its time on, and bfloat16 keys
-// converted once into `converted` (16 rows of float scratch) instead of once per query
-// head. False where this CPU or kDim does not allow it.
+// one horizontal sum each, which GCC's loop spent most of its time on. bfloat16 keys are
+// multiplied where they lie by AVX512-BF16's pairwise dot product (the query, converted
+// from bfloat16, converts back exactly; products are exact, sums float32); without it they
+// are converted once into `converted` (16 rows of float scratch) instead of once per query
+// head. 64 sequences of 192 positions, caches hot: 0.28 ms instead of 0.37 here. False
+// where this CPU or kDim does not allow it.
 template <int kDim, typename T>
 static inline bool scores_by_hand(const float* q, const T* k_cache, const int64_t* where,
                                   int64_t n, int64_t num_kv_heads, int64_t group, float scale,
                                   float* scores, float* converted) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, uint16_t> && kDim > 0 && kDim % 32 == 0) {
+    constexpr int P = kDim / 32;
+    const int64_t slot = num_kv_heads * kDim;
+    const __m512 scale_v = _mm512_set1_ps(scale);
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+      const int m = n - i0 < 16 ? static_cast<int>(n - i0) : 16;
+      for (int64_t i = i0 + 16; i < n && i < i0 + 32; ++i)
+        fetch_row(k_cache + where[i], sizeof(T) * slot);
+      for (int64_t r = 0; r < num_kv_heads * group; ++r) {
+        const int64_t head = (r / group) * kDim;
+        __m512bh qb[P];
+        for (int j = 0; j < P; ++j)
+          qb[j] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + r * kDim + 32 * j + 16),
+                                      _mm512_loadu_ps(q + r * kDim + 32 * j));
+        __m512 acc[16];
+        for (int p = 0; p < 16; ++p) {
+          acc[p] = _mm512_setzero_ps();
+          if (p >= m) continue;
+          const T* k = k_cache + where[i0 + p] + head;
+          for (int j = 0; j < P; ++j)
+            acc[p] = _mm512_dpbf16_ps(acc[p], qb[j],
+                                      (__m512bh)_mm512_loadu_si512(k + 32 * j));
+        }
+        _mm512_mask_storeu_ps(scores + r * n + i0, static_cast<__mmask16>((1u << m) - 1),
+                              _mm512_mul_ps(sum16(acc), scale_v));
+      }
+    }
+    return true;
+  }
+#endif
 #if defined(__AVX512F__)
   if constexpr (kDim > 0 && kDim % 16 == 0) {
     constexpr int R = kDim / 16;
@@ -143,6 +177,7 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
   if constexpr (kDim > 0 && kDim % 16 == 0) {
     constexpr int R = kDim / 16;
     constexpr int G = kDim <= 64 ? 4 : 2;  // query heads at a time: G * R sum registers
+    const int64_t slot = num_kv_heads * kDim;
     for (int64_t h = 0; h < num_kv_heads; ++h) {
       const T* v = v_cache + h * kDim;
       for (int64_t g0 = 0; g0 < group; g0 += G) {
@@ -152,7 +187,11 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
         for (int u = 0; u < G; ++u)
           for (int j = 0; j < R; ++j) acc[u][j] = _mm512_setzero_ps();
         for (int64_t i = 0; i < n; ++i) {
-          if (i + 16 < n) fetch_row(v + where[i + 16], sizeof(T) * kDim);
+          // The whole row, every head's values, on the first head's pass: the later passes
+          // find it in L2. 64 sequences of 192 positions with the cache cold: 0.56-0.59 ms
+          // instead of 0.63-0.72 in bfloat16 (with the scores above), 1.09 against 1.21 in
+          // float32.
+          if (h == 0 && i + 16 < n) fetch_row(v_cache + where[i + 16], sizeof(T) * slot);
           __m512 vr[R];
           load_row<kDim>(v + where[i], vr);
           for (int u = 0; u < G; ++u) {
