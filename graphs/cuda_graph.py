@@ -64,6 +64,7 @@ class StaticBuffers:
             slot_mapping=self.slot_mapping[:size], seq_lens=self.seq_lens[:size],
             query_lens=ones, block_tables=self.block_tables[:size],
             token_to_seq=torch.arange(size, device=ones.device), token_offsets=ones * 0,
+            token_lens=self.seq_lens[:size],
             num_decodes=size, max_query_len=0)
 
 

@@ -8,9 +8,10 @@ of tokens. The op reads the step's metadata from `attention_context`, entered on
 by the runtime, so the metadata's shapes and host integers never become part of a graph.
 
 A batch is flat: `T` tokens from `B` sequences, decodes (one token each) first, then
-prefill chunks. Decodes attend as one group with a query length of one; prefill chunks are
-scattered into a padded [num_prefills, max_query_len] layout and attend as a second group,
-so one long prompt never pads every decode to its length.
+prefill chunks. On the torch path decodes attend as one group with a query length of one;
+prefill chunks are scattered into a padded [num_prefills, max_query_len] layout and attend
+as a second group, so one long prompt never pads every decode to its length. The CPU kernel
+attends every token as a row of its own.
 """
 
 import contextlib
@@ -35,10 +36,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, M] physical block ids, M covers the longest sequence
     token_to_seq: torch.Tensor  # [T] which sequence each token belongs to
     token_offsets: torch.Tensor  # [T] index of each token within its sequence's chunk
+    token_lens: torch.Tensor  # [T] positions each token attends: its own position + 1
     num_decodes: int  # sequences (and tokens) at the front that decode one token
     max_query_len: int  # longest prefill chunk (0 when the batch is decode only)
-    # CPU float32/bfloat16: the decodes attend through this kernel (models/cpu_attention.py)
-    # instead of gathering their blocks for SDPA; None: the torch path
+    # CPU float32/bfloat16: every token attends through this kernel (models/cpu_attention.py)
+    # instead of gathering its sequence's blocks for SDPA; None: the torch path
     decode_kernel: "DecodeKernel | None" = None
 
 
@@ -166,8 +168,8 @@ def _torch_path_called_back(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # `kiln::paged_attention` runs the torch path unless a device kernel is registered: on CPU,
-# models/cpu_attention.py registers one from C++ that attends decode-only steps itself and
-# calls `kiln::paged_attention_torch` for every other step.
+# models/cpu_attention.py registers one from C++ that attends the steps whose metadata the
+# runtime gave it and calls `kiln::paged_attention_torch` for any other call.
 _LIB = torch.library.Library("kiln", "FRAGMENT")
 _SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, float scale, int sliding_window)"
            " -> Tensor")
@@ -234,30 +236,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     tokens (padding up to a compiled size): padded rows are neither written nor attended,
     and come back as zeros."""
     num_tokens, nd = meta.slot_mapping.shape[0], meta.num_decodes
-    kernel = _kernel_applies(meta, kv_cache)
-    if kernel and nd == num_tokens:
-        # A decode-only step: one kernel call writes, attends and zeroes the padded rows.
-        return meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, nd, meta.block_tables,
-                                  meta.seq_lens, nd, q.shape[0], scale, sliding_window or 0)
+    if _kernel_applies(meta, kv_cache):
+        # One kernel call writes every new key and value, attends every token (a prefill
+        # chunk's as rows of their own) and zeroes the padded rows.
+        return meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, meta.block_tables,
+                                  meta.token_to_seq, meta.token_lens, scale,
+                                  sliding_window or 0)
     num_padded = q.shape[0] - num_tokens
     q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
     outputs = []
-    if kernel:
-        # One call writes every new key and value (index_copy_ took 1.2 ms for a chunk of 2048
-        # tokens here), then attends the decodes, if any.
-        decodes = meta.decode_kernel(q, k, v, kv_cache, meta.slot_mapping, num_tokens,
-                                     meta.block_tables, meta.seq_lens, nd, nd, scale,
-                                     sliding_window or 0)
-        if nd > 0:
-            outputs.append(decodes)
-    else:
-        write_kv(kv_cache, k, v, meta.slot_mapping)
-        if nd > 0:
-            tables = meta.block_tables[:nd]
-            mask = _shared(("decode", sliding_window), lambda: _group_mask(
-                meta.seq_lens[:nd], meta.query_lens[:nd], 1,
-                tables.shape[1] * kv_cache.shape[2], sliding_window))
-            outputs.append(_attend_decode(q[:nd], kv_cache, tables, mask, scale))
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    if nd > 0:
+        tables = meta.block_tables[:nd]
+        mask = _shared(("decode", sliding_window), lambda: _group_mask(
+            meta.seq_lens[:nd], meta.query_lens[:nd], 1,
+            tables.shape[1] * kv_cache.shape[2], sliding_window))
+        outputs.append(_attend_decode(q[:nd], kv_cache, tables, mask, scale))
     if q.shape[0] > nd:
         tables = meta.block_tables[nd:]
         rows, cols = _shared("prefill rows", lambda: (meta.token_to_seq[nd:] - nd,

@@ -207,6 +207,7 @@ class ModelRunner:
             block_tables=self._tensor(tables),
             token_to_seq=self._tensor(token_to_seq),
             token_offsets=self._tensor(token_offsets),
+            token_lens=self._tensor(positions + 1),
             num_decodes=num_decodes,
             max_query_len=int(prefill_lens.max()) if len(prefill_lens) else 0,
             decode_kernel=self.decode_kernel,

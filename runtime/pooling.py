@@ -115,6 +115,7 @@ def flat_metadata(lengths: list[int], device: torch.device) -> AttentionMetadata
         seq_lens=tensor(seq_lens), query_lens=tensor(seq_lens),
         block_tables=torch.zeros(len(lengths), 0, dtype=torch.int64, device=device),
         token_to_seq=tensor(token_to_seq), token_offsets=tensor(offsets),
+        token_lens=tensor(offsets + 1),
         num_decodes=0, max_query_len=int(seq_lens.max()))
 
 

@@ -354,22 +354,37 @@ def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
     assert any((tmp_path / "cache" / "inductor").rglob("*"))
 
 
-def test_bfloat16_compiled_matches_eager_and_transformers(tiny_llama, compile_cache):
+def _follows_greedy_up_to_a_tie(model, prompt: list[int], tokens: list[int]) -> bool:
+    """Whether `tokens` are `model`'s greedy tokens after `prompt`, or depart from them only
+    where the token taken has a logit within one bfloat16 step of the largest (a tie at
+    bfloat16's resolution, which other rounding may break either way); the contexts differ
+    from there on, so nothing after it is compared."""
+    ids = list(prompt)
+    for token in tokens:
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        top = float(logits.max())
+        if token != int(logits.argmax()):
+            return top - float(logits[token]) <= torch.finfo(torch.bfloat16).eps * abs(top)
+        ids.append(token)
+    return True
+
+
+def test_bfloat16_compiled_and_eager_follow_transformers(tiny_llama, compile_cache):
     """bfloat16 on CPU: the compiled path (kiln's row kernel for one-token projections, the
-    bfloat16 decode attention kernel) gives the eager path's greedy tokens, and the eager
-    path transformers' in bfloat16."""
+    attention kernel) and the eager path both give transformers' greedy tokens in bfloat16,
+    but where transformers' own two best logits tie at bfloat16's resolution. (On this
+    model, one of six sequences departs so on the eager path at its last token: logits
+    0.4746 and 0.4727, one bfloat16 step apart.)"""
     folder, hf = tiny_llama
     prompts = random_prompts(6, seed=31)
-    eager = tiny_llm(folder, dtype="bfloat16")
-    compiled = compiled_llm(folder, compile_cache, dtype="bfloat16")
-    want = [o.outputs[0].token_ids
-            for o in eager.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
-    got = [o.outputs[0].token_ids
-           for o in compiled.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
-    assert got == want
     hf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    with torch.no_grad():
-        assert want == [hf_greedy(hf16, p, MAX_TOKENS) for p in prompts]
+    for llm in (tiny_llm(folder, dtype="bfloat16"),
+                compiled_llm(folder, compile_cache, dtype="bfloat16")):
+        outputs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+        with torch.no_grad():
+            for prompt, out in zip(prompts, outputs):
+                assert len(out.outputs[0].token_ids) == MAX_TOKENS
+                assert _follows_greedy_up_to_a_tie(hf16, prompt, out.outputs[0].token_ids)
 
 
 def test_the_vector_isa_verdict_is_kept_only_for_the_widest_set(tmp_path, monkeypatch):

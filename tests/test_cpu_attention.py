@@ -1,5 +1,5 @@
-"""The CPU decode attention kernel against the torch path it replaces, on caches whose
-blocks are scattered and sequences whose lengths end mid-block."""
+"""The CPU attention kernel against the torch path it replaces, on caches whose blocks are
+scattered and sequences whose lengths end mid-block."""
 
 import pytest
 import torch
@@ -21,18 +21,20 @@ def kernel(tmp_path_factory):
 
 
 def _batch(seq_lens: list[int], num_prefill_tokens: int, num_heads: int, num_kv_heads: int,
-           head_dim: int, block_size: int = 4, seed: int = 0):
+           head_dim: int, block_size: int = 4, seed: int = 0, prefill_start: int = 0):
     """A step of one-token decodes (contexts `seq_lens`) plus, when `num_prefill_tokens`,
-    one prefill chunk starting at position 0, over a cache of shuffled blocks."""
+    one prefill chunk starting at position `prefill_start` (the positions before it cached),
+    over a cache of shuffled blocks."""
     gen = torch.Generator().manual_seed(seed)
-    lens = seq_lens + ([num_prefill_tokens] if num_prefill_tokens else [])
+    prefill_end = prefill_start + num_prefill_tokens
+    lens = seq_lens + ([prefill_end] if num_prefill_tokens else [])
     width = max(-(-n // block_size) for n in lens)
     num_blocks = width * len(lens) + 3
     blocks = torch.randperm(num_blocks, generator=gen)
     tables = blocks[:width * len(lens)].view(len(lens), width)
     cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
     query_lens = [1] * len(seq_lens) + ([num_prefill_tokens] if num_prefill_tokens else [])
-    positions = [n - 1 for n in seq_lens] + list(range(num_prefill_tokens))
+    positions = [n - 1 for n in seq_lens] + list(range(prefill_start, prefill_end))
     token_to_seq = [i for i, q in enumerate(query_lens) for _ in range(q)]
     slots = [int(tables[s, p // block_size]) * block_size + p % block_size
              for s, p in zip(token_to_seq, positions)]
@@ -41,6 +43,7 @@ def _batch(seq_lens: list[int], num_prefill_tokens: int, num_heads: int, num_kv_
         slot_mapping=torch.tensor(slots), seq_lens=torch.tensor(lens),
         query_lens=torch.tensor(query_lens), block_tables=tables,
         token_to_seq=torch.tensor(token_to_seq), token_offsets=torch.tensor(offsets),
+        token_lens=torch.tensor(positions) + 1,
         num_decodes=len(seq_lens), max_query_len=num_prefill_tokens)
     num_tokens = len(slots)
     q = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
@@ -56,8 +59,13 @@ def _batch(seq_lens: list[int], num_prefill_tokens: int, num_heads: int, num_kv_
     (4, 2, 16),  # a head size without its own unrolled path
 ])
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_kernel_matches_torch_path(kernel, num_heads, num_kv_heads, head_dim, sliding_window):
-    q, k, v, cache, meta = _batch([1, 3, 4, 9, 17], 0, num_heads, num_kv_heads, head_dim)
+@pytest.mark.parametrize("num_prefill_tokens,prefill_start", [(0, 0), (11, 0), (6, 9)])
+def test_kernel_matches_torch_path(kernel, num_heads, num_kv_heads, head_dim, sliding_window,
+                                   num_prefill_tokens, prefill_start):
+    """Decodes, and a prefill chunk's tokens as rows of their own, each over its sequence up
+    to its own position (a chunk that starts its sequence, or one after cached positions)."""
+    q, k, v, cache, meta = _batch([1, 3, 4, 9, 17], num_prefill_tokens, num_heads, num_kv_heads,
+                                  head_dim, prefill_start=prefill_start)
     scale = head_dim**-0.5
     expected_cache = cache.clone()
     expected = paged_attention(q, k, v, expected_cache, meta, scale, sliding_window)
@@ -86,9 +94,8 @@ def test_padded_decode_step_with_strided_inputs(kernel):
 
 
 def test_kernel_in_a_batch_with_a_prefill_and_one_thread(kernel):
-    """Decodes go through the kernel, the prefill chunk through the torch path, in one step
-    (the kernel writes every new key and value); with fewer sequences than threads the
-    kernel splits each sequence's positions across threads and merges the parts."""
+    """Decodes and a prefill chunk in one step, with one thread, as many as the machine has,
+    and more."""
     q, k, v, cache, meta = _batch([6, 13], 7, 6, 2, 32, seed=1)
     expected_cache = cache.clone()
     expected = paged_attention(q, k, v, expected_cache, meta, 0.2)
@@ -132,13 +139,15 @@ def test_sequences_split_over_positions(kernel, seq_lens, sliding_window):
     ([1, 3, 4, 9, 17], 8, 2, 128),
 ])
 @pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("num_prefill_tokens", [0, 13])
 def test_bfloat16_kernel_matches_the_float32_path_rounded(kernel, seq_lens, num_heads,
                                                           num_kv_heads, head_dim,
-                                                          sliding_window):
+                                                          sliding_window, num_prefill_tokens):
     """bfloat16 queries, keys and values, sums in float32: the torch path on the same values
     in float32, rounded to bfloat16 at the end; the new keys and values land in the cache
     bit for bit."""
-    q, k, v, cache, meta = _batch(seq_lens, 0, num_heads, num_kv_heads, head_dim, seed=4)
+    q, k, v, cache, meta = _batch(seq_lens, num_prefill_tokens, num_heads, num_kv_heads,
+                                  head_dim, seed=4)
     q, k, v, cache = (x.to(torch.bfloat16) for x in (q, k, v, cache))
     expected_cache = cache.float()
     scale = head_dim**-0.5
@@ -168,10 +177,10 @@ def test_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.parametrize("num_prefill_tokens", [0, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_op_attends_decode_only_steps_in_its_cpu_kernel(kernel, num_prefill_tokens, dtype):
-    """Once the library is loaded, `kiln::paged_attention` has a CPU kernel: within a
-    decode-only step it attends by itself, never calling the torch path (nor, through it,
-    the kernel), with the same result; any other step it hands to the torch path."""
+def test_the_op_attends_every_step_in_its_cpu_kernel(kernel, num_prefill_tokens, dtype):
+    """Once the library is loaded, `kiln::paged_attention` has a CPU kernel: within a step,
+    prefill chunks in it or not, it attends by itself, never calling the torch path (nor,
+    through it, the kernel), with the same result."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key("kiln::paged_attention", "CPU")
     calls = []
 
@@ -188,28 +197,28 @@ def test_the_op_attends_decode_only_steps_in_its_cpu_kernel(kernel, num_prefill_
         expected = paged_attention_step(q, k, v, expected_cache, 0.125, 0)
         calls.clear()
         got = torch.ops.kiln.paged_attention(q, k, v, cache, 0.125, 0)
-    assert len(calls) == (1 if num_prefill_tokens else 0)
+    assert not calls
     assert torch.equal(got, expected)
     assert torch.equal(cache, expected_cache)
 
 
 def test_an_error_on_the_torch_path_keeps_its_message(kernel, monkeypatch):
-    """The CPU kernel calls the torch path back through the dispatcher, which passes an
-    error on without its message: the step raises the torch path's own exception."""
+    """Without the step's metadata (a runtime that has no kernel for its dtype), the CPU
+    kernel calls the torch path back through the dispatcher, which passes an error on
+    without its message: the step raises the torch path's own exception."""
     import kiln.models.attention as attention
 
     def fails(*args):
         raise ValueError("the torch path failed")
 
     q, k, v, cache, meta = _batch([3], 4, 4, 2, 16)
-    meta.decode_kernel = kernel
     monkeypatch.setattr(attention, "paged_attention_step", fails)
     with pytest.raises(ValueError, match="the torch path failed"):
         with attention_context(meta):
             torch.ops.kiln.paged_attention(q, k, v, cache, 0.25, 0)
-    q, k, v, cache, meta = _batch([3], 0, 4, 2, 16)
+    q, k, v, cache, meta = _batch([3], 4, 4, 2, 16)
     meta.decode_kernel = kernel
-    with attention_context(meta):  # a decode-only step never calls it
+    with attention_context(meta):  # with the step's metadata it never calls it
         torch.ops.kiln.paged_attention(q, k, v, cache, 0.25, 0)
 
 
