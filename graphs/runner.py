@@ -118,13 +118,13 @@ class GraphRunner:
             self.steps["graph_replay", size] += 1
             return self.cuda_graphs.replay(input_ids, positions, meta, size)
         self.steps["compiled", size] += 1
-        self.input_ids[:num_tokens].copy_(input_ids)
-        self.positions[:num_tokens].copy_(positions)
+        inputs = [(self.input_ids, input_ids), (self.positions, positions)]
         if token_type_ids is not None:
-            self.token_type_ids[:num_tokens].copy_(token_type_ids)
+            inputs.append((self.token_type_ids, token_type_ids))
             extra["token_type_ids"] = self.token_type_ids[:size]
-        if size > num_tokens:
-            for buffer in (self.input_ids, self.positions, self.token_type_ids):
+        for buffer, values in inputs:
+            buffer[:num_tokens].copy_(values)
+            if size > num_tokens:
                 buffer[num_tokens:size] = 0
         with attention_context(meta):
             hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size],
