@@ -306,8 +306,8 @@ static void merge_parts(const float* partial, const float* stats, int64_t parts,
   for (int64_t d = 0; d < dim; ++d) store(o + d, acc[d] * inv);
 }
 
-// First writes the new keys and values of `num_writes` tokens (rows of k_new and v_new,
-// each [Hkv, D] contiguous) into their cache slots, all of them before any query attends,
+// S tokens, each a row: first writes their new keys and values (rows of k_new and v_new,
+// each [Hkv, D] contiguous) into their cache `slots`, all of them before any query attends,
 // so a slot shared by several rows (the sink slot of padding) never races with a read.
 // Then attends: q rows [S, Hq, D] (heads contiguous, rows q_stride apart), row s over the
 // first seq_lens[s] (>= 1) positions of its sequence, whose blocks are row table_rows[s]
@@ -319,22 +319,22 @@ static void merge_parts(const float* partial, const float* stats, int64_t parts,
 template <typename T>
 static int decode_attention(
     const T* q, int64_t q_stride, const T* k_new, int64_t k_stride,
-    const T* v_new, int64_t v_stride, const int64_t* slots, int64_t num_writes,
-    T* k_cache, T* v_cache, const int64_t* block_tables, const int64_t* table_rows,
-    int64_t width, const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_rows,
+    const T* v_new, int64_t v_stride, const int64_t* slots, T* k_cache, T* v_cache,
+    const int64_t* block_tables, const int64_t* table_rows, int64_t width,
+    const int64_t* seq_lens, T* out, int64_t num_seqs, int64_t num_rows,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     float scale, int64_t window, int num_threads) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t slot_size = num_kv_heads * head_dim;
-  for (int64_t t = 0; t < num_writes; ++t) {
+  for (int64_t t = 0; t < num_seqs; ++t) {
     const size_t bytes = sizeof(T) * slot_size;
     std::memcpy(k_cache + slots[t] * slot_size, k_new + t * k_stride, bytes);
     std::memcpy(v_cache + slots[t] * slot_size, v_new + t * v_stride, bytes);
   }
   std::memset(out + num_seqs * num_heads * head_dim, 0,
               sizeof(T) * (num_rows - num_seqs) * num_heads * head_dim);
-  // A work item is a sequence with all its heads. With fewer sequences than threads (batch-1
-  // decode), each sequence is split instead into one part per thread over its positions,
+  // A work item is a row with all its heads. With fewer rows than threads (batch-1
+  // decode), each row's sequence is split instead into one part per thread over its positions,
   // whose partial outputs are then merged: every thread reads an equal share of the cache
   // (splitting by heads would give one thread 2 of SmolLM2's 3 key/value heads).
   const int64_t parts = num_seqs > 0 && num_seqs < num_threads ? num_threads : 1;
@@ -431,14 +431,14 @@ static int decode_attention(
 #define KILN_DECODE_ATTENTION(name, T)                                                      \
   extern "C" int name(const T* q, int64_t q_stride, const T* k_new, int64_t k_stride,       \
                       const T* v_new, int64_t v_stride, const int64_t* slots,               \
-                      int64_t num_writes, T* k_cache, T* v_cache,                           \
+                      T* k_cache, T* v_cache,                                               \
                       const int64_t* block_tables, const int64_t* table_rows,               \
                       int64_t width, const int64_t* seq_lens, T* out, int64_t num_seqs,     \
                       int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,            \
                       int64_t head_dim, int64_t block_size, float scale, int64_t window,    \
                       int num_threads) {                                                    \
     return decode_attention<T>(q, q_stride, k_new, k_stride, v_new, v_stride, slots,        \
-                               num_writes, k_cache, v_cache, block_tables, table_rows,      \
+                               k_cache, v_cache, block_tables, table_rows,                  \
                                width, seq_lens, out, num_seqs, num_rows, num_heads,         \
                                num_kv_heads, head_dim, block_size, scale, window,           \
                                num_threads);                                                \
@@ -491,11 +491,10 @@ static int attend_step(const Tensor& q, const Tensor& k, const Tensor& v, Tensor
   T* k_cache = static_cast<T*>(kv_cache.data_ptr());
   return decode_attention<T>(
       static_cast<const T*>(q.data_ptr()), q.stride(0), static_cast<const T*>(k.data_ptr()),
-      k.stride(0), static_cast<const T*>(v.data_ptr()), v.stride(0), step.slots,
-      step.num_rows, k_cache, k_cache + kv_cache.stride(0), step.block_tables,
-      step.table_rows, step.width, step.lens, static_cast<T*>(out.data_ptr()), step.num_rows,
-      q.size(0), q.size(1),
-      kv_cache.size(3), q.size(2), kv_cache.size(2), static_cast<float>(scale), window,
+      k.stride(0), static_cast<const T*>(v.data_ptr()), v.stride(0), step.slots, k_cache,
+      k_cache + kv_cache.stride(0), step.block_tables, step.table_rows, step.width, step.lens,
+      static_cast<T*>(out.data_ptr()), step.num_rows, q.size(0), q.size(1), kv_cache.size(3),
+      q.size(2), kv_cache.size(2), static_cast<float>(scale), window,
       static_cast<int>(torch::stable::get_num_threads()));
 }
 
@@ -553,8 +552,8 @@ class DecodeKernel:
         self.library = library  # kept: the registered op kernel lives in it
         self.functions = entry_points(
             library, "kiln_decode_attention", ctypes.c_int,
-            [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR,
-             _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int])
+            [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
+             _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int])
         self.set_step = library.kiln_attention_step
         self.set_step.restype = None
         self.set_step.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR, _I64]
@@ -594,7 +593,7 @@ class DecodeKernel:
         k_cache = kv_cache.data_ptr()
         fn = self.functions[kv_cache.dtype]
         failed = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
-                    v.stride(0), slot_mapping.data_ptr(), num_tokens, k_cache,
+                    v.stride(0), slot_mapping.data_ptr(), k_cache,
                     k_cache + kv_cache.stride(0) * kv_cache.element_size(),
                     block_tables.data_ptr(),
                     None if table_rows is None else table_rows.data_ptr(),
