@@ -5,8 +5,10 @@ artifacts can be saved under kiln's own cache keys); torch offers that through
 `torch._inductor.standalone_compile` and `CompiledArtifact`, which have no public alias yet."""
 
 import contextlib
+import importlib
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +20,7 @@ def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict,
     """Compile one graph piece with Inductor, with Inductor config `options`
     (standalone_compile's `options` are compile_fx's arguments): for the exact shapes of
     `example_inputs`, or, `dynamic`, for the symbolic sizes Dynamo traced the graph with."""
-    _wait_for_vec_isa_probe()
+    _wait_for_inductor_start()
     return torch._inductor.standalone_compile(
         gm, example_inputs, dynamic_shapes="from_graph" if dynamic else "from_example_inputs",
         options={"config_patches": dict(options)})
@@ -37,7 +39,7 @@ def save_artifact(artifact, path: Path) -> None:
 
 
 def load_artifact(path: Path):
-    _wait_for_vec_isa_probe()
+    _wait_for_inductor_start()
     return torch._inductor.CompiledArtifact.load(path=str(path), format="binary")
 
 
@@ -177,7 +179,8 @@ def remember_vec_isa(root: Path) -> None:
         _vec_isa_marker(root).touch()
 
 
-_vec_isa_probe: list[threading.Thread] = []
+_inductor_start: list[threading.Thread] = []
+_inductor_imported = threading.Event()
 
 
 def _widest_listed_vec_isa():
@@ -223,32 +226,73 @@ def _check_vec_isa(trusted: bool | None) -> None:
 
 
 def start_inductor(root: Path | None, device: torch.device) -> None:
-    """What must precede Inductor's first use in this process: its build directories and
-    settings under the cache at `root` (None: no persistent cache), and on CPU its check of
-    which vector instruction sets build and load (`_check_vec_isa`), started now in a
-    thread. Cold, that check builds and loads probe libraries with g++ (up to ten; 16 s of a
-    cold start on the Xeon of earlier notes); in a thread it runs beside the model load,
-    kiln's kernel builds and tracing (cold starts 31-40 s instead of 42-43 there), and the
-    first compile or artifact load waits for it. Warm, a kept verdict (`configure_inductor`)
-    leaves three probes of the sets' extensions; beside the model load, bfloat16 warm starts
-    of SmolLM2 were ready in 3.82 s (median of 12 alternating processes) against 3.93 with
-    the probes in the first artifact load. Calling this again does nothing more."""
+    """Start what must precede Inductor's first use in this process, in a thread, so that it
+    runs beside the model load: importing Inductor (with Dynamo, 1 s of a warm start here)
+    and, on CPU, its check of which vector instruction sets build and load
+    (`_check_vec_isa`). Cold, that check builds and loads probe libraries with g++ (up to
+    ten; 16 s of a cold start on the Xeon of earlier notes; cold starts 31-40 s instead of
+    42-43 there); warm, a kept verdict leaves three probes of the sets' extensions (0.15 s).
+    `root`: the persistent cache (None: none), whose build directories must be set before
+    Inductor is imported. `inductor_ready` waits for the imports; the first compile or
+    artifact load waits for the check. Calling this again does nothing more."""
+    if _inductor_start:
+        return
     if root is not None:
         keep_builds_in(root)  # before anything imports Inductor: it reads this once
-        configure_inductor(root)
-    import torch._inductor.config as inductor_config
-
-    trusted = inductor_config.cpp.vec_isa_ok
-    if device.type != "cpu" or _vec_isa_probe or trusted is False:
-        return
-    thread = threading.Thread(target=_check_vec_isa, args=(trusted,), name="kiln-vec-isa-probe",
-                              daemon=True)
-    _vec_isa_probe.append(thread)
+    kept = root is not None and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ \
+        and _vec_isa_marker(root).exists()
+    thread = threading.Thread(target=_prepare_inductor, args=(kept, device.type == "cpu"),
+                              name="kiln-inductor-start", daemon=True)
+    _inductor_start.append(thread)
     thread.start()
 
 
-def _wait_for_vec_isa_probe() -> None:
-    """Inductor keeps the check's answer once it has one: waiting here keeps two threads
-    from running the same probes."""
-    for thread in _vec_isa_probe:
+def _prepare_inductor(kept: bool, check_vec_isa: bool) -> None:
+    # The import holds the GIL; the weight load beside it takes it back after every tensor
+    # copy, waiting a whole switch interval (5 ms) each time unless it is shorter: SmolLM2's
+    # bfloat16 load took 0.5 s instead of 0.26 beside the import.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # the main thread's own import raises it where it can be handled
+        return
+    finally:
+        sys.setswitchinterval(interval)
+        _inductor_imported.set()
+    trusted = True if kept else inductor_config.cpp.vec_isa_ok
+    if check_vec_isa and trusted is not False:
+        _check_vec_isa(trusted)
+
+
+@contextlib.contextmanager
+def beside_inductor_start():
+    """Run the block's torch work on one thread fewer while `start_inductor`'s thread
+    imports. With two cores, an OpenMP team of two (weight conversion, packing) waits at
+    every barrier for the core the import holds: packing SmolLM2's float32 weights took
+    0.66-0.7 s beside the import, 0.3-0.46 on one thread, 0.17 alone."""
+    threads = torch.get_num_threads()
+    if threads > 1 and _inductor_start and not _inductor_imported.is_set():
+        torch.set_num_threads(threads - 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def inductor_ready(root: Path | None, device: torch.device) -> None:
+    """Wait for `start_inductor`'s imports (starting it if nothing did), apply kiln's
+    settings under the cache at `root` in this thread (Inductor's settings are per thread),
+    and import what loading an artifact needs while the vector instruction set check runs."""
+    start_inductor(root, device)
+    _inductor_imported.wait()
+    if root is not None:
+        configure_inductor(root)
+    importlib.import_module("torch._inductor.compile_fx")
+
+
+def _wait_for_inductor_start() -> None:
+    """Inductor keeps the vector instruction set check's answer once it has one: waiting here
+    keeps two threads from running the same probes."""
+    for thread in _inductor_start:
         thread.join()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..compiler.backend import KilnBackend
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
-from ..compiler.inductor import configure_dynamo, remember_vec_isa, start_inductor
+from ..compiler.inductor import configure_dynamo, inductor_ready, keep_static, remember_vec_isa
 from ..compiler.record import TRACED_SOURCE, describe, restore
 from ..models import AttentionMetadata, attention_context
 from ..models.attention import SPLIT_OPS
@@ -49,9 +49,9 @@ class GraphRunner:
         if enforce_eager:
             return
         self.cache = cache
-        start_inductor(cache.root if cache is not None else None, device)
         if "linear_with_packed_weights" in compilation.passes:
             pack_linear_weights(model)  # the pieces of several rows use the packed copies
+        inductor_ready(cache.root if cache is not None else None, device)
         configure_dynamo(64)
         # Where the op's CPU kernel is registered, Inductor's code calls it directly: a
         # one-token step then never enters Python inside a layer (see models/cpu_attention.py).
@@ -59,6 +59,8 @@ class GraphRunner:
         split_at = tuple(op for op in SPLIT_OPS if not (
             op == "kiln.paged_attention" and attends_in_compiled_code(device, dtype)))
         layers = model.attention_layers() if hasattr(model, "attention_layers") else []
+        for layer in layers:
+            keep_static(layer.kv_cache)
         if layers and "kiln.paged_attention" not in split_at:
             # The compiled layer then takes its KV cache whole: its shape is in every artifact.
             cache_salt += f"|kv cache {tuple(layers[0].kv_cache.shape)}"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..compiler.cache import CompileCache
-from ..compiler.inductor import keep_static, start_inductor
+from ..compiler.inductor import beside_inductor_start, start_inductor
 from ..graphs.runner import GraphRunner
 from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
@@ -53,18 +53,28 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
-        hf = config.model.arch_config
         cache_dir = config.compile_cache_dir
         compile_cache = CompileCache(cache_dir) \
             if cache_dir is not None and not config.enforce_eager else None
-        if not config.enforce_eager:  # Inductor's CPU check runs beside the loading below
+        if not config.enforce_eager:  # Inductor's imports and CPU check run beside the load
             start_inductor(compile_cache.root if compile_cache is not None else None,
                            self.device)
+        with beside_inductor_start():
+            self._load_model()
+            self._allocate_kv_cache()
+            self.graph_runner = GraphRunner(
+                self.model, self.device, config.enforce_eager, config.compilation,
+                config.compile_sizes(), config.scheduler.max_num_seqs,
+                -(-config.model.max_model_len // self.block_size), self.sink_block,
+                self.block_size, compile_cache, config.compile_cache_salt())
+
+    def _load_model(self) -> None:
+        config = self.config
         start = time.perf_counter()
         # What other engines in this process hold, so the KV cache is sized from this one's use
         self.memory_before = (torch.cuda.memory_allocated(self.device)
                               if self.device.type == "cuda" else 0)
-        self.model = build_model(hf, config.model.dtype, self.device)
+        self.model = build_model(config.model.arch_config, config.model.dtype, self.device)
         if config.model.load_format == "dummy":
             init_dummy_weights(self.model, config.model.seed)
         else:
@@ -77,6 +87,9 @@ class ModelRunner:
             if not config.enforce_eager and \
                     "single_token_linear_as_row_kernel" in config.compilation.passes:
                 load_linear_kernel(config.kernel_dir)  # the one-token pieces call it
+
+    def _allocate_kv_cache(self) -> None:
+        config = self.config
         layers = self.model.attention_layers()
         attn = layers[0]
         self.bytes_per_block = (2 * len(layers) * self.block_size * attn.num_kv_heads
@@ -90,17 +103,11 @@ class ModelRunner:
         advise_huge_pages(cache)  # decode attention walks it block by block, every layer
         for layer, kv in zip(layers, cache):
             layer.kv_cache = kv
-            keep_static(kv)
         max_len = config.model.max_model_len
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB); %.1f requests "
                     "of max_model_len=%d fit at once", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, cache.numel() * cache.element_size() / 2**30,
                     self.num_blocks * self.block_size / max_len, max_len)
-        self.graph_runner = GraphRunner(
-            self.model, self.device, config.enforce_eager, config.compilation,
-            config.compile_sizes(), config.scheduler.max_num_seqs,
-            -(-max_len // self.block_size), self.sink_block, self.block_size,
-            compile_cache, config.compile_cache_salt())
 
     def dummy_metadata(self, num_tokens: int) -> AttentionMetadata:
         """A decode-only step of `num_tokens` one-token sequences in the sink block, for
