@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from . import attention  # noqa: F401  defines kiln::paged_attention, whose CPU kernel this builds
-from .cpu_build import KERNEL_DTYPES, entry_points, load_library
+from .cpu_build import KERNEL_DTYPES, NEW_TENSOR, entry_points, load_library
 
 SOURCE = r"""
 #include <cmath>
@@ -478,6 +478,7 @@ extern "C" void kiln_attention_step(const int64_t* slots, const int64_t* block_t
 
 using c10::ScalarType;
 using torch::stable::Tensor;
+""" + NEW_TENSOR + r"""
 
 // [T, H, D] with each row's heads contiguous: the layout the kernel reads.
 static bool rows_of_heads(const Tensor& x, ScalarType dtype) {
@@ -521,7 +522,7 @@ static Tensor paged_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor kv_cache,
         "kiln::paged_attention_torch", "", stack.data(), TORCH_ABI_VERSION));
     return torch::stable::detail::to<Tensor>(stack[0]);
   }
-  Tensor out = torch::stable::new_empty(q, {q.size(0), q.size(1), q.size(2)});
+  Tensor out = new_contiguous(q, {q.size(0), q.size(1), q.size(2)});
   const int failed = dtype == ScalarType::Float
       ? attend_step<float>(q, k, v, kv_cache, out, scale, sliding_window)
       : attend_step<uint16_t>(q, k, v, kv_cache, out, scale, sliding_window);

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_build import load_library
+from .cpu_build import NEW_TENSOR, load_library
 
 SOURCE = r"""
 #include <algorithm>
@@ -152,6 +152,7 @@ static void linear_row(const T* x, const T* w, T* y, int64_t n, int64_t k, int n
 
 using c10::ScalarType;
 using torch::stable::Tensor;
+""" + NEW_TENSOR + r"""
 
 // x [..., K] holding one row, weight [N, K] -> [..., N]; what the kernel does not take
 // (other dtypes, more rows, a strided weight) runs F.linear's own matmul.
@@ -162,11 +163,11 @@ static Tensor linear_row_cpu(Tensor x, Tensor weight) {
       x.dim() == 0 || x.numel() != weight.size(1)) {
     return torch::stable::matmul(x, torch::stable::transpose(weight, 0, 1));
   }
-  x = torch::stable::contiguous(x);
+  if (!x.is_contiguous()) x = torch::stable::contiguous(x);
   const int64_t n = weight.size(0), k = weight.size(1);
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = n;
-  Tensor y = torch::stable::new_empty(x, sizes);
+  Tensor y = new_contiguous(x, sizes);
   const int threads = static_cast<int>(torch::stable::get_num_threads());
   if (dtype == ScalarType::Float) {
     linear_row(static_cast<const float*>(x.data_ptr()),
