@@ -255,6 +255,12 @@ def _prepare_inductor(kept: bool, check_vec_isa: bool) -> None:
     sys.setswitchinterval(0.0005)
     try:
         import torch._inductor.config as inductor_config
+        from torch._inductor.codecache import torch_key
+
+        # A hash of torch's sources (0.12-0.14 s here) that every artifact load compares
+        # with the one it was saved with, computed once per process: here, while the main
+        # thread loads weights and imports nothing (the hash walks torch's modules).
+        torch_key()
     except Exception:  # the main thread's own import raises it where it can be handled
         return
     finally:
