@@ -227,8 +227,8 @@ def _check_vec_isa(trusted: bool | None) -> None:
 
 def start_inductor(root: Path | None, device: torch.device) -> None:
     """Start what must precede Inductor's first use in this process, in a thread, so that it
-    runs beside the model load: importing Inductor (with Dynamo, 1 s of a warm start here)
-    and, on CPU, its check of which vector instruction sets build and load
+    runs beside the model load: importing Inductor (with Dynamo, 1 s of a warm start here),
+    hashing torch's sources and, on CPU, its check of which vector instruction sets build and load
     (`_check_vec_isa`). Cold, that check builds and loads probe libraries with g++ (up to
     ten; 16 s of a cold start on the Xeon of earlier notes; cold starts 31-40 s instead of
     42-43 there); warm, a kept verdict leaves three probes of the sets' extensions (0.15 s).
@@ -298,7 +298,8 @@ def inductor_ready(root: Path | None, device: torch.device) -> None:
 
 
 def _wait_for_inductor_start() -> None:
-    """Inductor keeps the vector instruction set check's answer once it has one: waiting here
-    keeps two threads from running the same probes."""
+    """Wait for the start thread to finish: Inductor keeps the vector instruction set
+    check's answer once it has one, so waiting keeps two threads from running the same
+    probes."""
     for thread in _inductor_start:
         thread.join()
