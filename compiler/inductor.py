@@ -147,6 +147,12 @@ def _vec_isa_marker(root: Path) -> Path:
     return root / f"vec-isa-ok-{platform.machine()}-{capability}-torch-{torch.__version__}"
 
 
+def _verdict_kept(root: Path) -> bool:
+    """Whether this cache kept a passed vector instruction set check that kiln may trust
+    (the user's TORCHINDUCTOR_VEC_ISA_OK wins)."""
+    return "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ and _vec_isa_marker(root).exists()
+
+
 def configure_inductor(root: Path) -> None:
     """CPU settings that keep a warm start from redoing per-process checks (1 s here):
 
@@ -160,7 +166,7 @@ def configure_inductor(root: Path) -> None:
 
     if "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS" not in os.environ:
         inductor_config.cpp_cache_precompile_headers = False
-    if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ and _vec_isa_marker(root).exists():
+    if _verdict_kept(root):
         inductor_config.cpp.vec_isa_ok = True
 
 
@@ -239,8 +245,7 @@ def start_inductor(root: Path | None, device: torch.device) -> None:
         return
     if root is not None:
         keep_builds_in(root)  # before anything imports Inductor: it reads this once
-    kept = root is not None and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ \
-        and _vec_isa_marker(root).exists()
+    kept = root is not None and _verdict_kept(root)
     thread = threading.Thread(target=_prepare_inductor, args=(kept, device.type == "cpu"),
                               name="kiln-inductor-start", daemon=True)
     _inductor_start.append(thread)
