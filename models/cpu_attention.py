@@ -311,11 +311,11 @@ static void merge_parts(const float* partial, const float* stats, int64_t parts,
 // so a slot shared by several rows (the sink slot of padding) never races with a read.
 // Then attends: q rows [S, Hq, D] (heads contiguous, rows q_stride apart), row s over the
 // first seq_lens[s] (>= 1) positions of its sequence, whose blocks are row table_rows[s]
-// of block_tables [*, width] (table_rows null: row s); caches [num_blocks, block_size, Hkv,
-// D]; out [num_rows, Hq, D] contiguous, rows from S on zeroed. A prefill chunk's tokens are
-// rows like a decode's, each seeing its sequence up to its own position. Query head h
-// attends with key/value head h / (Hq / Hkv). window > 0 keeps the last `window` positions
-// only. Returns 1 if scratch memory could not be allocated.
+// of block_tables [*, width]; caches [num_blocks, block_size, Hkv, D]; out [num_rows, Hq,
+// D] contiguous, rows from S on zeroed. A prefill chunk's tokens are rows like a decode's,
+// each seeing its sequence up to its own position. Query head h attends with key/value head
+// h / (Hq / Hkv). window > 0 keeps the last `window` positions only. Returns 1 if scratch
+// memory could not be allocated.
 template <typename T>
 static int decode_attention(
     const T* q, int64_t q_stride, const T* k_new, int64_t k_stride,
@@ -397,10 +397,9 @@ static int decode_attention(
         dest = parts > 1 ? partial + item * head_floats : acc;
       }
       auto run = [&](auto kernel) {
-        const int64_t table = table_rows != nullptr ? table_rows[s] : s;
-        kernel(q_row, k_cache, v_cache, block_tables + table * width, start, n, block_size,
-               num_kv_heads, group, head_dim, scale, scores, where, converted, dest,
-               item_stats);
+        kernel(q_row, k_cache, v_cache, block_tables + table_rows[s] * width, start, n,
+               block_size, num_kv_heads, group, head_dim, scale, scores, where, converted,
+               dest, item_stats);
       };
       switch (head_dim) {
         case 64: run(attend<64, T>); break;
@@ -575,12 +574,12 @@ class DecodeKernel:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, table_rows: torch.Tensor | None,
+                 block_tables: torch.Tensor, table_rows: torch.Tensor,
                  lens: torch.Tensor, scale: float, sliding_window: int) -> torch.Tensor:
         """Write the T = len(slot_mapping) new rows of k/v [T', Hkv, D] to their slots,
         then attend with the first T rows of q [T', Hq, D]: row t over the first lens[t]
-        positions of the sequence whose blocks are row table_rows[t] of block_tables (None:
-        row t) -> [T', Hq, D], rows from T on zero. kv_cache [2, num_blocks, block_size,
+        positions of the sequence whose blocks are row table_rows[t] of block_tables
+        -> [T', Hq, D], rows from T on zero. kv_cache [2, num_blocks, block_size,
         Hkv, D] contiguous, float32 or bfloat16 like q/k/v (cpu_build.KERNEL_DTYPES);
         slot_mapping, block_tables, table_rows, lens contiguous int64.
 
@@ -596,11 +595,10 @@ class DecodeKernel:
         failed = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(),
                     v.stride(0), slot_mapping.data_ptr(), k_cache,
                     k_cache + kv_cache.stride(0) * kv_cache.element_size(),
-                    block_tables.data_ptr(),
-                    None if table_rows is None else table_rows.data_ptr(),
-                    block_tables.shape[1], lens.data_ptr(), out.data_ptr(), num_tokens,
-                    q.shape[0], q.shape[1], num_kv_heads, head_dim, block_size, scale,
-                    sliding_window, torch.get_num_threads())
+                    block_tables.data_ptr(), table_rows.data_ptr(), block_tables.shape[1],
+                    lens.data_ptr(), out.data_ptr(), num_tokens, q.shape[0], q.shape[1],
+                    num_kv_heads, head_dim, block_size, scale, sliding_window,
+                    torch.get_num_threads())
         if failed:
             raise MemoryError("decode attention could not allocate its scratch memory")
         return out
