@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_build import NEW_TENSOR, load_library
+from .cpu_build import NEW_TENSOR, SHIM_HELPERS, c_shim, load_library
 
 SOURCE = r"""
 #include <algorithm>
@@ -152,7 +152,7 @@ static void linear_row(const T* x, const T* w, T* y, int64_t n, int64_t k, int n
 
 using c10::ScalarType;
 using torch::stable::Tensor;
-""" + NEW_TENSOR + r"""
+""" + NEW_TENSOR + SHIM_HELPERS + r"""
 
 // x [..., K] holding one row, weight [N, K] -> [..., N]; what the kernel does not take
 // (other dtypes, more rows, a strided weight) runs F.linear's own matmul.
@@ -183,6 +183,9 @@ static Tensor linear_row_cpu(Tensor x, Tensor weight) {
 
 STABLE_TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("linear_row", TORCH_BOX(&linear_row_cpu)); }
 """
+C_SHIM = ("AOTITorchError aoti_torch_cpu_linear_row(AtenTensorHandle x, AtenTensorHandle weight, "
+          "AtenTensorHandle* ret)")
+SOURCE += c_shim(C_SHIM, "kiln::linear_row", "linear_row_cpu(borrowed(x), borrowed(weight))")
 
 _LIB = torch.library.Library("kiln", "FRAGMENT")
 _LIB.define("linear_row(Tensor x, Tensor weight) -> Tensor")
@@ -201,6 +204,11 @@ def load_linear_kernel(build_dir: Path) -> bool:
             return False
         _library.append(library)
     return True
+
+
+def linear_c_shims() -> dict:
+    """`kiln::linear_row` -> its C shim's declaration, once the kernel is loaded."""
+    return {torch.ops.kiln.linear_row.default: C_SHIM} if _library else {}
 
 
 @torch.library.register_fake("kiln::linear_row")

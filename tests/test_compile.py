@@ -3,6 +3,7 @@ scheduling path, no compiles after warm-up, shared artifacts, and a trustworthy 
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,6 +275,29 @@ def test_single_token_pass_calls_the_row_kernel_for_every_linear(tiny_llama, tmp
 
     seen = _run_pass_on_layer(tiny_llama[0], single_token_linear_as_row_kernel, 1, row_calls)
     assert seen == [(4, 4, 0, 4)]
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="the row kernel is the one-token default only on AVX-512")
+def test_one_token_pieces_call_the_kernels_c_shims_from_cpp_code(tiny_llama, tmp_path,
+                                                                 reference):
+    """With kiln's CPU kernels loaded, a one-token piece's wrapper code is C++ that calls
+    `kiln::linear_row` and `kiln::paged_attention` through their C shims (not Python, not the
+    dispatcher by name), follows transformers, and is saved for the next process."""
+    prompts, expected = reference
+    cache = tmp_path / "cache"
+    llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    options = llm.engine.runner.graph_runner.backend._inductor_options(1)
+    assert options["cpp_wrapper"] is True
+    outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
+    builds = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # the run's (conftest.py)
+    calls = "".join(text for p in builds.rglob("*.main.cpp")
+                    if "inductor_entry_impl" in (text := p.read_text()))
+    assert "aoti_torch_cpu_linear_row(" in calls and "aoti_torch_cpu_paged_attention(" in calls
+    assert "call_dispatcher" not in calls and "proxy_executor" not in calls
+    assert counters(compiled_llm(tiny_llama[0], str(cache),
+                                 compilation={"sizes": [1, 32]})).num_compiles == 0
 
 
 def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
