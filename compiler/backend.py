@@ -46,27 +46,32 @@ from .passes import (
 _PASSES_SOURCE = hashlib.sha256(Path(passes_module.__file__).read_bytes()).hexdigest()
 
 
-def _row_kernel_wrapper() -> dict:
+def _row_kernel_wrapper(device_type: str) -> dict:
     """A one-token piece's Python wrapper code cost about 42 us a SmolLM2 layer here, about
     12 of it in calls of kiln's kernels through the dispatcher; C++ wrapper code that calls
     their C shims instead took 32 us, and a SmolLM2 batch-1 step 0.25-0.4 ms less (float32,
     bfloat16; alternating in one process, same tokens), and compiles no slower (its kernels
-    build as one library)."""
+    build as one library). The kernels and their shims are CPU code: pieces on another
+    device keep the Python wrapper."""
+    if device_type != "cpu":
+        return {}
     return c_shim_wrapper({**linear_c_shims(), **attention_c_shims()})
 
 
 # kiln's passes: name -> (whether it applies to a piece compiled for this many tokens, pass,
-# Inductor settings for the pieces it applies to; the user's inductor_options win).
+# Inductor settings for the pieces it applies to, given their device type; the user's
+# inductor_options win).
 PASSES = {
     "single_token_linear_as_row_kernel": (lambda size: size == 1,
                                           single_token_linear_as_row_kernel,
                                           _row_kernel_wrapper),
     "single_token_linear_as_reduction": (lambda size: size == 1,
                                          single_token_linear_as_reduction,
-                                         lambda: SINGLE_TOKEN_INDUCTOR_OPTIONS),
+                                         lambda device_type: SINGLE_TOKEN_INDUCTOR_OPTIONS),
     "linear_as_weight_times_input": (lambda size: 1 < size <= 256,
-                                     linear_as_weight_times_input, dict),
-    "linear_with_packed_weights": (lambda size: size > 1, linear_with_packed_weights, dict),
+                                     linear_as_weight_times_input, lambda device_type: {}),
+    "linear_with_packed_weights": (lambda size: size > 1, linear_with_packed_weights,
+                                   lambda device_type: {}),
 }
 
 logger = logging.getLogger("kiln")
@@ -360,10 +365,12 @@ class KilnBackend:
         return [name for name, (applies, _, _) in PASSES.items()
                 if name in self.config.passes and applies(size)]
 
-    def _inductor_options(self, size: int) -> dict:
+    def _inductor_options(self, size: int, args: list) -> dict:
+        """Inductor settings for a piece compiled for `size` tokens with arguments `args`."""
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
         options = {}
         for name in self._passes(size):
-            options.update(PASSES[name][2]())
+            options.update(PASSES[name][2](device_type))
         return {**options, **self.config.inductor_config()}
 
     def _ranges(self, sizes: list[int]) -> dict[int, tuple[int, int]]:
@@ -405,7 +412,7 @@ class KilnBackend:
         if key is None:
             shapes = _signature(args, piece.info.token_sized if span else None)
             key = piece.info.keys[size] = hashlib.sha256(
-                f"{self.cache_salt}|{self._inductor_options(size)}|{self._passes(size)}|"
+                f"{self.cache_salt}|{self._inductor_options(size, args)}|{self._passes(size)}|"
                 f"{_PASSES_SOURCE}|{piece.info.structure}|{shapes}|{span}".encode()
             ).hexdigest()[:32]
         return key
@@ -437,7 +444,7 @@ class KilnBackend:
                                    f"missing while kiln ran; start again to rebuild it")
             else:
                 artifact = compile_piece(self._rewritten(piece.gm, size), args,
-                                         self._inductor_options(size),
+                                         self._inductor_options(size, args),
                                          dynamic=self._dynamic_range(piece, size) is not None)
                 self.counters.num_compiles += 1
                 if self.cache is not None:

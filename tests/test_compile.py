@@ -243,7 +243,7 @@ def test_single_token_pieces_get_the_pass_inductor_settings():
             inductor_options=user,
             passes=["single_token_linear_as_reduction", "linear_as_weight_times_input"],
         ).for_device("cpu")
-        return KilnBackend(config, None, [1, 32], "salt")._inductor_options(size)
+        return KilnBackend(config, None, [1, 32], "salt")._inductor_options(size, [torch.ones(1)])
 
     name, value = next(iter(SINGLE_TOKEN_INDUCTOR_OPTIONS.items()))
     assert options({}, 1)[name] == value
@@ -287,8 +287,10 @@ def test_one_token_pieces_call_the_kernels_c_shims_from_cpp_code(tiny_llama, tmp
     prompts, expected = reference
     cache = tmp_path / "cache"
     llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
-    options = llm.engine.runner.graph_runner.backend._inductor_options(1)
-    assert options["cpp_wrapper"] is True
+    backend = llm.engine.runner.graph_runner.backend
+    assert backend._inductor_options(1, [torch.ones(1)])["cpp_wrapper"] is True
+    # The kernels are CPU code: a piece on another device keeps the Python wrapper.
+    assert "cpp_wrapper" not in backend._inductor_options(1, [torch.ones(1, device="meta")])
     outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:2]
     builds = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # the run's (conftest.py)
