@@ -50,10 +50,10 @@ def _row_kernel_wrapper(device_type: str) -> dict:
     """A one-token piece's Python wrapper code cost about 42 us a layer of SmolLM2's
     structure here (width 64), about 12 of it in calls of kiln's kernels through the
     dispatcher; C++ wrapper code that calls their C shims instead took 32 us, and a SmolLM2
-    batch-1 step 0.25-0.4 ms less (float32,
-    bfloat16; alternating in one process, same tokens), and compiles about as fast (the
-    piece's kernels build as one library). The kernels and their shims are CPU code: pieces
-    on another device keep the Python wrapper."""
+    batch-1 step 0.25-0.4 ms less (float32, bfloat16; alternating in one process, same
+    tokens), and compiles about as fast (the piece's kernels build as one library). The
+    kernels and their shims are CPU code: pieces on another device keep the Python
+    wrapper."""
     if device_type != "cpu":
         return {}
     return c_shim_wrapper({**linear_c_shims(), **attention_c_shims()})
