@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compiler.config import CompilationConfig
+from .compiler.inductor import start_inductor
 from .models import POOLING_ARCHITECTURES
 from .resolve import cache_dir, resolve_model
 from .runtime.beam_search import (
@@ -109,6 +110,9 @@ class LLM:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         compilation = CompilationConfig.from_user(compilation_config)
+        compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
+        if not enforce_eager:  # its imports run beside finding the model and its tokenizer
+            start_inductor(compile_cache_dir, device)
         folder = resolve_model(model, revision)
         arch_config = read_config(folder)
         is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES
@@ -129,7 +133,6 @@ class LLM:
             checkpoint_dtype = getattr(torch, checkpoint_dtype)
         model_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
         compilation = compilation.for_device(device.type, model_dtype)
-        compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         self.config = EngineConfig(
             model=ModelConfig(
                 path=str(folder), arch_config=arch_config, tokenizer=str(tokenizer_folder),
