@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .compiler.cache import CompileCache
 from .compiler.config import CompilationConfig
 from .compiler.inductor import start_inductor
 from .models import POOLING_ARCHITECTURES
@@ -112,7 +113,7 @@ class LLM:
         compilation = CompilationConfig.from_user(compilation_config)
         compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         if not enforce_eager:  # its imports run beside finding the model and its tokenizer
-            start_inductor(compile_cache_dir, device)
+            start_inductor(CompileCache(compile_cache_dir).root, device)  # refuses unsafe ones
         folder = resolve_model(model, revision)
         arch_config = read_config(folder)
         is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES

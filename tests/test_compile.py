@@ -181,6 +181,15 @@ def test_cache_refuses_a_directory_others_can_write(tmp_path):
         CompileCache(shared)
 
 
+def test_llm_refuses_an_unsafe_cache_before_anything_uses_it(tmp_path):
+    # Before the model is even looked for: Inductor's start thread keeps its builds there.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(UnsafeCacheDirError, match="writable by other users"):
+        LLM(model=str(tmp_path / "no-such-model"), compilation_config={"cache_dir": str(shared)})
+
+
 def test_cache_directory_is_created_private(tmp_path):
     CompileCache(tmp_path / "new")
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
