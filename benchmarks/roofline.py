@@ -12,9 +12,11 @@ import torch
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    """The median time of `repeats` calls, not the shortest: on this virtual machine one run's
-    shortest sum of 1 GiB gave 53.7 GB/s, where every other run and a C loop streaming
-    from huge pages gave 27-37, and the roofline shares of that run's table halved."""
+    """The median time of `repeats` calls, not the shortest: what a run can sustain, where
+    one fast call says little. This virtual machine's bandwidth also drifts from minute to
+    minute (sums of 1 GiB here: 29.5-38 GB/s on ordinary pages, 35.6-67 on huge pages in
+    one hour; a full run's ceiling 53.7 where the runs around it measured 30-33), so a
+    ceiling is the one of the run's first minute."""
     fn()  # first touch: page faults and lazy initialisation are not bandwidth
     times = []
     for _ in range(repeats):
