@@ -394,11 +394,6 @@ def run_in_turns(runs: list[EngineRun], workloads: list[str], repeats: int,
             results = {run.spec.name: {} for run in runs}
             for rep in range(repeats):
                 for workload in main:
-                    if workload == "latency":  # this machine's bandwidth drifts: per turn
-                        bandwidth = measure_bandwidth()
-                        report["roofline"].setdefault("bandwidth_by_turn", []).append(bandwidth)
-                        log(f"memory bandwidth before latency turn {rep + 1}: "
-                            f"{bandwidth / 1e9:.1f} GB/s")
                     for run in turn_order(runs, rep):
                         result = results[run.spec.name]
                         if workload in result.get("unsupported", {}):

@@ -146,27 +146,13 @@ def summarize_report(report: dict) -> dict:
                                     else "float32"]
         s["roofline"] = {
             "weight_bytes": weight_bytes,
-            "decode_share_of_bandwidth": _decode_share(report, name, decode, weight_bytes),
+            "decode_share_of_bandwidth": decode_fraction(decode, weight_bytes,
+                                                         roof["bandwidth_bytes_s"])
+            if decode else None,
             "throughput_share_of_matmul_peak": throughput_fraction(
                 total, numbers["matmul_params"], peak) if total else None,
         }
     return summary
-
-
-def _decode_share(report: dict, name: str, decode: float | None,
-                  weight_bytes: float) -> float | None:
-    """The engine's batch-1 decode as a share of the bandwidth: turn by turn against the
-    bandwidth measured right before that latency turn (the median of those shares), where
-    the run has one per turn; else against the run's first measurement."""
-    if not decode:
-        return None
-    roof = report["roofline"]
-    by_turn = roof.get("bandwidth_by_turn") or []
-    speeds = _per_repetition(report["engines"][name]["raw"], "latency")
-    if by_turn and len(speeds) == len(by_turn):
-        return summarize([decode_fraction(v, weight_bytes, b)
-                          for v, b in zip(speeds, by_turn)]).median
-    return decode_fraction(decode, weight_bytes, roof["bandwidth_bytes_s"])
 
 
 def _cell(summary: dict | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -191,14 +177,6 @@ def _share(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f} %"
 
 
-def _turns(roof: dict) -> str:
-    by_turn = roof.get("bandwidth_by_turn")
-    if not by_turn:
-        return ""
-    return (f" ({', '.join(f'{b / 1e9:.1f}' for b in by_turn)} GB/s before the latency "
-            f"turns; each turn's decode share is taken against its own)")
-
-
 def render_markdown(report: dict) -> str:
     m, roof, summary = report["machine"], report["roofline"], report["summary"]
     bandwidth = roof["bandwidth_bytes_s"]
@@ -211,7 +189,7 @@ def render_markdown(report: dict) -> str:
         f"({params / 1e6:.0f} M parameters). Prompts: {report['prompts']['source']}.",
         "",
         f"Ceilings measured at the start of the run: memory bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s{_turns(roof)}, so batch-1 decode cannot exceed "
+        f"{bandwidth / 1e9:.1f} GB/s, so batch-1 decode cannot exceed "
         f"{bandwidth / (4 * params):.0f} tok/s in float32 or {bandwidth / (2 * params):.0f} "
         f"in 16-bit; matmul {roof['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s in float32, "
         f"{roof['matmul_flops']['bfloat16'] / 1e9:.0f} in bfloat16.",
