@@ -13,10 +13,11 @@ import torch
 
 def _median_seconds(fn, repeats: int) -> float:
     """The median time of `repeats` calls, not the shortest: what a run can sustain, where
-    one fast call says little. This virtual machine's bandwidth also drifts from minute to
-    minute (sums of 1 GiB here: 29.5-38 GB/s on ordinary pages, 35.6-67 on huge pages in
-    one hour; a full run's ceiling 53.7 where the runs around it measured 30-33), so a
-    ceiling is the one of the run's first minute."""
+    one fast call says little. On this virtual machine a fresh buffer's rate also varies
+    from one allocation to the next (sums of 1 GiB: 29.5-38 GB/s on ordinary pages, 35.6-67
+    on huge pages within an hour; 54.5, 53.9 and 33.9 before three latency turns of a
+    full run whose engines decoded within a few percent of each other's turn), so the
+    shares against it are indicative."""
     fn()  # first touch: page faults and lazy initialisation are not bandwidth
     times = []
     for _ in range(repeats):
