@@ -15,8 +15,8 @@ def _median_seconds(fn, repeats: int) -> float:
     """The median time of `repeats` calls, not the shortest: what a run can sustain, where
     one fast call says little. On this virtual machine a fresh buffer's rate also varies
     from one allocation to the next (sums of 1 GiB: 29.5-38 GB/s on ordinary pages, 35.6-67
-    on huge pages within an hour; 54.5, 53.9 and 33.9 before three latency turns of a
-    full run whose engines decoded within a few percent of each other's turn), so the
+    on huge pages within an hour; 54.5, 53.9 and 33.9 before the three latency turns of a
+    full run in which each engine decoded at about the same speed in all three), so the
     shares against it are indicative."""
     fn()  # first touch: page faults and lazy initialisation are not bandwidth
     times = []
