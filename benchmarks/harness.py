@@ -189,7 +189,7 @@ class Worker:
         line = self.replies.readline() if readable else ""
         if not line:  # the process died
             self.close()
-            raise RuntimeError(f"{self.name} failed (exit {self.proc.returncode}):\n" +
+            raise RuntimeError(f"{self.name} failed ({exit_text(self.proc.returncode)}):\n" +
                                "\n".join(self.tail))
         return json.loads(line)
 
@@ -356,6 +356,18 @@ def turn_order(runs: list, rep: int) -> list:
     so no engine always runs right after the same one."""
     shift = rep % len(runs) if runs else 0
     return runs[shift:] + runs[:shift]
+
+
+def exit_text(returncode: int) -> str:
+    """How a worker ended, in words: a process killed by a signal has a negative return code,
+    which says little to a reader (llama.cpp's AMX code dies with SIGILL on some virtual
+    machines that list AMX)."""
+    if returncode is not None and returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}: {signal.strsignal(-returncode)}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
 
 
 def run_in_turns(runs: list[EngineRun], workloads: list[str], repeats: int,

@@ -227,6 +227,14 @@ def test_a_worker_that_dies_says_why(tmp_path):
     assert "no-such-model" in str(failure.value)  # the worker's last lines of stderr
 
 
+def test_a_worker_killed_by_a_signal_is_reported_by_the_signal_name():
+    from kiln.benchmarks.harness import exit_text
+
+    assert exit_text(-4).startswith("killed by SIGILL: ")
+    assert exit_text(-9).startswith("killed by SIGKILL")
+    assert exit_text(1) == "exit 1"
+
+
 def test_engines_take_turns_starting_one_later_each_repetition():
     from kiln.benchmarks.harness import turn_order
 
