@@ -358,7 +358,7 @@ def turn_order(runs: list, rep: int) -> list:
     return runs[shift:] + runs[:shift]
 
 
-def exit_text(returncode: int) -> str:
+def exit_text(returncode: int | None) -> str:
     """How a worker ended, in words: a process killed by a signal has a negative return code,
     which says little to a reader (llama.cpp's AMX code dies with SIGILL on some virtual
     machines that list AMX)."""

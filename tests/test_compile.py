@@ -488,7 +488,6 @@ def test_cpu_default_passes_follow_the_cpu_and_the_dtype(monkeypatch, capability
     assert CompilationConfig().for_device("cuda", dtype).passes == []
 
 
-
 def test_kernel_templates_compile_when_first_used(tmp_path):
     """After kiln starts Inductor, the kernel templates its compiler defines (in a fresh
     process: none defined before) hold their Jinja source until first used, then render
@@ -497,10 +496,10 @@ def test_kernel_templates_compile_when_first_used(tmp_path):
     import sys
 
     script = """
-import copy, torch
+import copy, sys, torch
 from pathlib import Path
 from kiln.compiler.inductor import inductor_ready
-inductor_ready(Path(CACHE), torch.device("cpu"))  # starts Inductor, imports its compiler
+inductor_ready(Path(sys.argv[1]), torch.device("cpu"))  # starts Inductor, imports its compiler
 from torch._inductor.codegen.common import KernelTemplate
 from torch._inductor.select_algorithm import TritonTemplate
 from kiln.compiler.inductor import _TemplateOnFirstUse
@@ -512,7 +511,7 @@ assert template.render(a=1, b="2\\n3") == "1 + 2\\n    3"
 unused = KernelTemplate._template_from_string("{{ a }}")
 assert copy.deepcopy(unused).render(a=4) == "4" and unused._template is None
 print("ok", len(templates))
-""".replace("CACHE", repr(str(tmp_path / "cache")))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
