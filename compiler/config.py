@@ -79,19 +79,23 @@ class CompilationConfig:
 
 def cpu_passes(dtype=None) -> list[str]:
     """kiln's passes on this CPU for a model in `dtype`. One-token pieces: kiln's row kernel
-    where it is written out for AVX-512 (the CPU it was measured faster on), Inductor's
-    reduction elsewhere (an AVX2 CPU, where that was measured). A few rows: W·xᵀ, except in
-    float32 on AVX-512, where MKL ran x·Wᵀ faster (64 prompts x 64 new tokens on the Xeon of
-    these notes, in one process, alternating: 338-351 tok/s without the pass against 275-329
-    with it, same tokens; in bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755) and
-    oneDNN with packed weights faster still (models/cpu_packed_linear.py, measured on the
-    Zen 4 EPYC here)."""
+    where it was measured faster, Inductor's reduction elsewhere. The row kernel: on AVX-512
+    (the Xeon and Zen 4 EPYC of earlier notes), and in bfloat16 on AVX2 (the Zen 3 EPYC
+    here, batch-1 decode in one process, 8 alternating rounds: 63.5 tok/s median against
+    57.2, faster in every round, same tokens; in float32 38.9 against 41.1, so not there).
+    A few rows: W·xᵀ, except in float32 on AVX-512, where MKL ran x·Wᵀ faster (64 prompts
+    x 64 new tokens on the Xeon of these notes, in one process, alternating: 338-351 tok/s
+    without the pass against 275-329 with it, same tokens; in bfloat16 oneDNN ran W·xᵀ
+    faster, 680-893 against 627-755) and oneDNN with packed weights faster still
+    (models/cpu_packed_linear.py, measured on the Zen 4 EPYC)."""
     import torch
 
     from ..models.cpu_packed_linear import can_pack
 
-    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    passes = ["single_token_linear_as_row_kernel" if avx512
+    capability = torch.backends.cpu.get_cpu_capability()
+    avx512 = capability.startswith("AVX512")
+    row_kernel = avx512 or (capability == "AVX2" and dtype == torch.bfloat16)
+    passes = ["single_token_linear_as_row_kernel" if row_kernel
               else "single_token_linear_as_reduction"]
     if not (avx512 and dtype == torch.float32):
         passes.append("linear_as_weight_times_input")

@@ -286,16 +286,16 @@ def test_single_token_pass_calls_the_row_kernel_for_every_linear(tiny_llama, tmp
     assert seen == [(4, 4, 0, 4)]
 
 
-@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
-                    reason="the row kernel is the one-token default only on AVX-512")
 def test_one_token_pieces_call_the_kernels_c_shims_from_cpp_code(tiny_llama, tmp_path,
                                                                  reference):
     """With kiln's CPU kernels loaded, a one-token piece's wrapper code is C++ that calls
     `kiln::linear_row` and `kiln::paged_attention` through their C shims (not Python, not the
-    dispatcher by name), follows transformers, and is saved for the next process."""
+    dispatcher by name), follows transformers, and is saved for the next process. The row
+    kernel's pass is named: it is not the float32 default on every CPU (`cpu_passes`)."""
     prompts, expected = reference
     cache = tmp_path / "cache"
-    llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
+    compilation = {"sizes": [1, 32], "passes": ["single_token_linear_as_row_kernel"]}
+    llm = compiled_llm(tiny_llama[0], str(cache), compilation=compilation)
     backend = llm.engine.runner.graph_runner.backend
     assert backend._inductor_options(1, [torch.ones(1)])["cpp_wrapper"] is True
     # The kernels are CPU code: a piece on another device keeps the Python wrapper.
@@ -308,7 +308,7 @@ def test_one_token_pieces_call_the_kernels_c_shims_from_cpp_code(tiny_llama, tmp
     assert "aoti_torch_cpu_linear_row(" in calls and "aoti_torch_cpu_paged_attention(" in calls
     assert "call_dispatcher" not in calls and "proxy_executor" not in calls
     assert counters(compiled_llm(tiny_llama[0], str(cache),
-                                 compilation={"sizes": [1, 32]})).num_compiles == 0
+                                 compilation=compilation)).num_compiles == 0
 
 
 def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):
@@ -470,6 +470,8 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
     ("AVX512", torch.float32, True, False),  # MKL ran x·Wᵀ faster there in float32
     ("AVX512", torch.bfloat16, True, True),
     ("AVX2", torch.float32, False, True),
+    ("AVX2", torch.bfloat16, True, True),  # the row kernel's AVX2 path, bfloat16 only
+    ("AVX2", None, False, True),
     ("AVX512", None, True, True),  # dtype not known: as before
 ])
 def test_cpu_default_passes_follow_the_cpu_and_the_dtype(monkeypatch, capability, dtype,
