@@ -101,7 +101,8 @@ static inline bool dot4_by_hand(const float* x, const float* xs, const float* w,
 #endif
 }
 
-// bfloat16: pairs of products summed in float32 by one instruction (AVX512-BF16).
+// bfloat16: pairs of products summed in float32 by one instruction (AVX512-BF16); on AVX2
+// without AVX-512, the rows widened to float by `dot4_avx2`.
 static inline bool dot4_by_hand(const uint16_t* x, const float* xs, const uint16_t* w,
                                 int64_t k, float* s, const uint16_t* next) {
 #if defined(__AVX512BF16__)
