@@ -43,6 +43,7 @@ static inline void store(uint16_t* p, float x) {  // round to nearest even, as t
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+#define KILN_AVX2 1  // the kernels' AVX2 paths apply
 #include <immintrin.h>
 
 // Eight values as floats, for the kernels' AVX2 paths.

@@ -30,7 +30,7 @@ from .cpu_build import NEW_TENSOR, SHIM_HELPERS, c_shim, load_library
 SOURCE = r"""
 #include <algorithm>
 #include <vector>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || defined(KILN_AVX2)
 #include <immintrin.h>
 
 // Asks for the 64 bytes at column i of the four rows that start at `next` (those of a later
@@ -53,7 +53,7 @@ static inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
   s[2] = _mm512_reduce_add_ps(a2);
   s[3] = _mm512_reduce_add_ps(a3);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(KILN_AVX2)
 // Four rows' dot products with xs (x in float) on AVX2, 16 columns a step, two sums a row so
 // that the four rows keep eight multiply-adds in flight; each row's cache line is asked for
 // once (16 float32 columns, or every other step's 32 bfloat16 ones).
@@ -94,7 +94,7 @@ static inline bool dot4_by_hand(const float* x, const float* xs, const float* w,
   }
   sum4(a0, a1, a2, a3, s);
   return true;
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(KILN_AVX2)
   return dot4_avx2(xs, w, k, s, next);
 #else
   return false;
@@ -119,7 +119,7 @@ static inline bool dot4_by_hand(const uint16_t* x, const float* xs, const uint16
   }
   sum4(a0, a1, a2, a3, s);
   return true;
-#elif !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#elif !defined(__AVX512F__) && defined(KILN_AVX2)
   return dot4_avx2(xs, w, k, s, next);
 #else
   return false;
