@@ -380,6 +380,19 @@ def inductor_ready(root: Path | None, device: torch.device) -> None:
     importlib.import_module("torch._inductor.compile_fx")
 
 
+@contextlib.contextmanager
+def joined_on_error():
+    """Run the block; if it raises, wait for `start_inductor`'s thread before the error
+    leaves it. The thread's imports register loggers, and code that walks logging's
+    registry meanwhile failed: pytest's log capture, at the phase after an `LLM` that
+    rejected its config.json, raised "dictionary changed size during iteration" (CI)."""
+    try:
+        yield
+    except BaseException:
+        _wait_for_inductor_start()
+        raise
+
+
 def _wait_for_inductor_start() -> None:
     """Wait for the start thread to finish: Inductor keeps the vector instruction set
     check's answer once it has one, so waiting keeps two threads from running the same

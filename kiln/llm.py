@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .compiler.cache import CompileCache
 from .compiler.config import CompilationConfig
-from .compiler.inductor import start_inductor
+from .compiler.inductor import joined_on_error, start_inductor
 from .models import POOLING_ARCHITECTURES
 from .resolve import cache_dir, resolve_model
 from .runtime.beam_search import (
@@ -112,57 +112,58 @@ class LLM:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         compilation = CompilationConfig.from_user(compilation_config)
         compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
-        if not enforce_eager:  # its imports run beside finding the model and its tokenizer
-            start_inductor(CompileCache(compile_cache_dir).root, device)  # refuses unsafe ones
-        folder = resolve_model(model, revision)
-        arch_config = read_config(folder)
-        is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES
-        if runner not in ("auto", "generate", "pooling"):
-            raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {runner!r}")
-        if runner == "generate" and is_encoder:
-            raise ValueError(f"{arch_config.architectures[0]} is an encoder and cannot "
-                             f"generate; use runner='pooling' (or 'auto')")
-        tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
-        if trust_remote_code:
-            logger.info("trust_remote_code=True: kiln never runs a repository's code; "
-                        "it builds only the architectures it implements")
-        max_len = resolve_max_model_len(max_model_len, arch_config)
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(8192 if device.type == "cuda" else 2048, max_num_seqs)
-        checkpoint_dtype = arch_config.dtype or torch.float32
-        if isinstance(checkpoint_dtype, str):
-            checkpoint_dtype = getattr(torch, checkpoint_dtype)
-        model_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
-        compilation = compilation.for_device(device.type, model_dtype)
-        self.config = EngineConfig(
-            model=ModelConfig(
-                path=str(folder), arch_config=arch_config, tokenizer=str(tokenizer_folder),
-                tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
-                dtype=model_dtype,
-                max_model_len=max_len, seed=seed, load_format=load_format,
-            ),
-            cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,
-                              enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
-            compilation=compilation,
-            device=device,
-            enforce_eager=bool(enforce_eager),
-            compile_cache_dir=compile_cache_dir,
-            kernel_dir=cache_dir() / "kernels",
-        )
-        self.engine = self.pooler = None
-        if is_encoder:  # encoders keep no KV cache and need no scheduler
-            self.pooler = Pooler(self.config)
+        with joined_on_error():  # a failed start leaves no import running
+            if not enforce_eager:  # its imports run beside finding the model and its tokenizer
+                start_inductor(CompileCache(compile_cache_dir).root, device)  # refuses unsafe ones
+            folder = resolve_model(model, revision)
+            arch_config = read_config(folder)
+            is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES
+            if runner not in ("auto", "generate", "pooling"):
+                raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {runner!r}")
+            if runner == "generate" and is_encoder:
+                raise ValueError(f"{arch_config.architectures[0]} is an encoder and cannot "
+                                 f"generate; use runner='pooling' (or 'auto')")
+            tokenizer_folder = folder if tokenizer is None else resolve_model(tokenizer, revision)
+            if trust_remote_code:
+                logger.info("trust_remote_code=True: kiln never runs a repository's code; "
+                            "it builds only the architectures it implements")
+            max_len = resolve_max_model_len(max_model_len, arch_config)
+            if max_num_batched_tokens is None:
+                max_num_batched_tokens = max(8192 if device.type == "cuda" else 2048, max_num_seqs)
+            checkpoint_dtype = arch_config.dtype or torch.float32
+            if isinstance(checkpoint_dtype, str):
+                checkpoint_dtype = getattr(torch, checkpoint_dtype)
+            model_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+            compilation = compilation.for_device(device.type, model_dtype)
+            self.config = EngineConfig(
+                model=ModelConfig(
+                    path=str(folder), arch_config=arch_config, tokenizer=str(tokenizer_folder),
+                    tokenizer_mode=tokenizer_mode, skip_tokenizer_init=skip_tokenizer_init,
+                    dtype=model_dtype,
+                    max_model_len=max_len, seed=seed, load_format=load_format,
+                ),
+                cache=CacheConfig(block_size, kv_cache_memory, gpu_memory_utilization,
+                                  enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+                compilation=compilation,
+                device=device,
+                enforce_eager=bool(enforce_eager),
+                compile_cache_dir=compile_cache_dir,
+                kernel_dir=cache_dir() / "kernels",
+            )
+            self.engine = self.pooler = None
+            if is_encoder:  # encoders keep no KV cache and need no scheduler
+                self.pooler = Pooler(self.config)
+                if not enforce_eager:
+                    self.pooler.runner.warmup()
+                return
+            self.engine = Engine(self.config, pooling=runner == "pooling")
+            if runner == "pooling":  # a decoder as an embedding model: last-token pooling
+                self.pooler = Pooler(self.config, self.engine)
             if not enforce_eager:
-                self.pooler.runner.warmup()
-            return
-        self.engine = Engine(self.config, pooling=runner == "pooling")
-        if runner == "pooling":  # a decoder as an embedding model: last-token pooling
-            self.pooler = Pooler(self.config, self.engine)
-        if not enforce_eager:
-            start = time.perf_counter()
-            self.engine.runner.warmup()
-            logger.info("compiled in %.1f s", time.perf_counter() - start)
+                start = time.perf_counter()
+                self.engine.runner.warmup()
+                logger.info("compiled in %.1f s", time.perf_counter() - start)
 
     def _generator(self) -> Engine:
         if self.pooler is not None:

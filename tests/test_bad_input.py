@@ -127,6 +127,31 @@ def test_truncated_config(tiny_llama, tmp_path):
         LLM(str(folder), skip_tokenizer_init=True)
 
 
+def test_a_rejected_model_leaves_no_import_running(tiny_llama, tmp_path):
+    """The compiled path imports Inductor in a thread beside the model load; when the load
+    fails, the error must not leave that thread running: its imports add loggers, and code
+    walking logging's registry meanwhile raised "dictionary changed size during iteration".
+    In a fresh process, where the thread is still importing when the config is rejected."""
+    import subprocess
+    import sys
+
+    folder = copy_model(tiny_llama[0], tmp_path / "m")
+    (folder / "config.json").write_text("{")
+    script = (
+        "import sys, threading\n"
+        "from kiln import LLM\n"
+        "try:\n"
+        "    LLM(sys.argv[1], skip_tokenizer_init=True)\n"
+        "except ValueError as e:\n"
+        "    print('rejected:', e)\n"
+        "print('running:', [t.name for t in threading.enumerate() if t.name.startswith('kiln')])\n")
+    result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rejected: cannot read" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "running: []"
+
+
 def test_unsupported_architecture_lists_the_supported_ones(tiny_llama, tmp_path):
     folder = copy_model(tiny_llama[0], tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
