@@ -174,7 +174,9 @@ def _ratio(s: dict, key: str) -> str:
 
 
 def _share(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f} %"
+    if value is None:
+        return "–"
+    return f"{100 * value:.0f} %" + (" ↑" if value > 1 else "")
 
 
 def render_markdown(report: dict) -> str:
@@ -235,6 +237,12 @@ def render_markdown(report: dict) -> str:
             f"| {_ratio(s, 'output_vs_transformers')} | {_ratio(s, 'output_vs_vllm')} | "
             f"{_share(roofs['decode_share_of_bandwidth'])} | "
             f"{_share(roofs['throughput_share_of_matmul_peak'])} |")
+    shares = [s["roofline"][key] or 0 for s in summary.values()
+              for key in ("decode_share_of_bandwidth", "throughput_share_of_matmul_peak")]
+    if max(shares, default=0) > 1:
+        lines += ["", "↑ above the ceiling: the ceilings are torch's own sum and matrix "
+                  "product, and that engine's kernels ran faster than torch's there, so "
+                  "the ceiling measured is not its limit."]
     agreement = [_agreement_line(name, s["agreement"]) for name, s in summary.items()
                  if "agreement" in s]
     if agreement:

@@ -152,6 +152,23 @@ def test_report_summary_ratios_and_markdown(tmp_path):
     assert content.startswith("# kiln\n\nintro\n")
 
 
+def test_a_share_above_its_ceiling_is_flagged_and_explained():
+    report = _fake_report()
+    summary = report["summary"] = summarize_report(report)
+    # kiln: 2 x 8192 tokens in 18 s x 2 x 100 M FLOP = 182 GFLOP/s, over the 100 measured;
+    # transformers: 2 x 8192 in 80 s, 41 GFLOP/s.
+    share = summary["kiln"]["roofline"]["throughput_share_of_matmul_peak"]
+    assert share == pytest.approx(1.82, abs=0.01)
+    rows = {line.split(" | ")[0]: line for line in render_markdown(report).splitlines()
+            if line.startswith("| ") and "×" in line}
+    assert rows["| kiln"].endswith("| 182 % ↑ |")
+    assert rows["| transformers"].endswith("| 41 % |")
+    assert "↑ above the ceiling" in render_markdown(report)
+    report["engines"].pop("kiln")
+    report["summary"] = summarize_report(report)
+    assert "↑" not in render_markdown(report)
+
+
 def test_compare_two_runs(tmp_path, capsys):
     before = _fake_report()
     before["summary"] = summarize_report(before)
