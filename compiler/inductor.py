@@ -382,13 +382,15 @@ def inductor_ready(root: Path | None, device: torch.device) -> None:
 
 @contextlib.contextmanager
 def joined_on_error():
-    """Run the block; if it raises, wait for `start_inductor`'s thread before the error
-    leaves it. The thread's imports register loggers, and code that walks logging's
+    """Run the block; if it raises an error, wait for `start_inductor`'s thread before the
+    error leaves it. The thread's imports register loggers, and code that walks logging's
     registry meanwhile failed: pytest's log capture, at the phase after an `LLM` that
-    rejected its config.json, raised "dictionary changed size during iteration" (CI)."""
+    rejected its config.json, raised "dictionary changed size during iteration" (CI). The
+    wait is the imports' rest (about 2 s at most here) and, before a compile cache holds
+    a verdict, the vector instruction set check; a KeyboardInterrupt does not wait."""
     try:
         yield
-    except BaseException:
+    except Exception:
         _wait_for_inductor_start()
         raise
 
