@@ -120,18 +120,19 @@ def test_compiled_pieces_do_not_grow_with_depth(tmp_path, dynamic):
     attention's kernel is called from the compiled layer, so a layer is one piece (elsewhere
     two, split at the attention), and layers compile in runs of equal length: the 6 layers
     here in two runs of 3 that share their trace and artifacts. The logits projection adds
-    one trace and one artifact (for one row). Without dynamic artifacts the deeper model's
-    7 compiles of a 3-layer run would cost minutes here, so only the shallow one runs."""
-    for layers in (2, 6) if dynamic else (2,):
+    one trace and one artifact (for one row). Without dynamic artifacts, two sizes: a
+    static compile of a 3-layer run costs about 15 s here."""
+    sizes = SIZES if dynamic else [1, 32]
+    for layers in (2, 6):
         make_tiny_model(tmp_path / f"m{layers}", num_hidden_layers=layers)
         llm = compiled_llm(tmp_path / f"m{layers}", str(tmp_path / f"cache{layers}"),
-                           compilation={"dynamic": dynamic})
+                           compilation={"dynamic": dynamic, "sizes": sizes})
         graphs = llm.engine.runner.graph_runner
         assert graphs.backend.split_at == ("kiln.encoder_attention",)
         assert [(run.start, run.stop) for run in graphs.runs[llm.engine.runner.model.model.layers]
                 ] == ([(0, 2)] if layers == 2 else [(0, 3), (3, 6)])
         c = counters(llm)
-        assert c.num_compiles == (2 if dynamic else len(SIZES)) + 1
+        assert c.num_compiles == (2 if dynamic else len(sizes)) + 1
         assert c.num_traces == 2  # one symbolic trace serves every size, 1 included
 
 
