@@ -11,7 +11,6 @@ anything else traces as usual."""
 import dataclasses
 import hashlib
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,10 +68,10 @@ def _graph_state(gm: fx.GraphModule) -> dict | None:
     return {"code": code, "children": children}
 
 
-def describe(direct: dict[torch.nn.Module, DirectCall],
-             names: dict[torch.nn.Module, str]) -> dict | None:
-    """A record of the graphs that `direct` calls and which modules, by their `names`, call
-    which (None if one cannot be saved)."""
+def describe(direct: dict[torch.nn.Module, DirectCall], model: torch.nn.Module) -> dict | None:
+    """A record of the graphs that `direct` calls and which of `model`'s modules call which
+    (None if one cannot be saved)."""
+    names = {module: name for name, module in model.named_modules()}
     calls: list[dict] = []
     index: dict[int, int] = {}
     modules = {}
@@ -100,13 +99,13 @@ def _rebuild(state: dict, backend: KilnBackend, pieces: list[Piece]) -> "Restore
     return RestoredGraph(state["code"], children)
 
 
-def restore(record: dict, module_named: Callable[[str], torch.nn.Module | None],
+def restore(record: dict, model: torch.nn.Module,
             backend: KilnBackend) -> dict[torch.nn.Module, DirectCall] | None:
-    """The calls of the modules the record names (found by `module_named`) rebuilt from it,
-    their pieces added to the backend; None, with the backend unchanged, unless every module
-    is found and every artifact they need is in the cache."""
-    modules = {name: module_named(name) for name in record["modules"]}
-    if any(module is None for module in modules.values()):
+    """The calls of `model`'s modules rebuilt from a record, their pieces added to the
+    backend; None, with the backend unchanged, unless every artifact they need is in the
+    cache."""
+    modules = dict(model.named_modules())
+    if not set(record["modules"]) <= modules.keys():
         return None
     pieces: list[Piece] = []
     calls = [DirectCall(_rebuild(call["graph"], backend, pieces), call["sources"])

@@ -22,7 +22,6 @@ from ..models import AttentionMetadata, attention_context
 from ..models.attention import SPLIT_OPS
 from ..models.cpu_attention import attends_in_compiled_code
 from ..models.cpu_packed_linear import pack_linear_weights
-from ..models.layers import run_decoder_layers
 from .buckets import decode_sizes, padded_size
 from .cuda_graph import CudaGraphs, StaticBuffers
 
@@ -30,40 +29,10 @@ logger = logging.getLogger("kiln")
 
 
 def _call_layer(layer, *args):
-    """The compile boundary: one decoder (or encoder) layer, or a `LayerRun`. Layers of the
-    same structure share its trace (their weights are graph inputs), so tracing cost does not
-    grow with depth."""
+    """The compile boundary: one decoder (or encoder) layer. Layers of the same structure
+    share its trace (their weights are graph inputs), so tracing cost does not grow with
+    depth."""
     return layer(*args)
-
-
-class LayerRun(torch.nn.Module):
-    """Consecutive decoder layers of a stack, compiled as one call. Where a decoder layer
-    compiles to one piece (on CPU, with kiln's attention kernel), every compiled call costs
-    Python and memory management around its kernels, which a batch-1 decode step pays with
-    caches that the layer's weights have just flushed; in one call, Inductor also fuses each
-    layer's MLP with the next layer's QKV projection. The model owns the layers: they are not
-    registered here."""
-
-    def __init__(self, stack: torch.nn.ModuleList, start: int, stop: int):
-        super().__init__()
-        self.start, self.stop = start, stop
-        self.layers = tuple(stack[start:stop])
-
-    def forward(self, positions, hidden, residual):
-        return run_decoder_layers(self.layers, positions, hidden, residual)
-
-
-def layers_per_call(num_layers: int, one_piece: bool) -> int:
-    """Decoder layers in one compiled call: 1 where a layer is split into pieces (a run
-    would add piece structures to compile); else the largest divisor of the layer count up
-    to 5, so every run has the same structure and shares one trace and one artifact per
-    size. SmolLM2 (30 layers) in runs of 5 against 1, float32, batch-1 decode on the Zen 3
-    EPYC of the README, one process, 10 alternating rounds: 23.7 ms a step against 25.0,
-    faster in 9; one run of all 30 was 1.3 ms faster still but took 36 s more to compile,
-    runs of 5 took 3 s more."""
-    if not one_piece:
-        return 1
-    return max(k for k in range(1, 6) if num_layers % k == 0)
 
 
 class GraphRunner:
@@ -92,11 +61,9 @@ class GraphRunner:
         layers = model.attention_layers() if hasattr(model, "attention_layers") else []
         for layer in layers:
             keep_static(layer.kv_cache)
-        self.one_piece = bool(layers) and "kiln.paged_attention" not in split_at
-        if self.one_piece:
+        if layers and "kiln.paged_attention" not in split_at:
             # The compiled layer then takes its KV cache whole: its shape is in every artifact.
             cache_salt += f"|kv cache {tuple(layers[0].kv_cache.shape)}"
-        self.runs: dict[torch.nn.Module, list[torch.nn.Module]] = {}  # stack -> its calls
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt, split_at)
         self.record_key = hashlib.sha256(
             f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
@@ -136,47 +103,8 @@ class GraphRunner:
             self.direct[layer] = entry
         return out
 
-    def _runs(self, stack: torch.nn.ModuleList) -> list[torch.nn.Module]:
-        """The compiled calls that run a stack of decoder layers: its layers, or `LayerRun`s."""
-        runs = self.runs.get(stack)
-        if runs is None:
-            k = layers_per_call(len(stack), self.one_piece)
-            runs = self.runs[stack] = list(stack) if k == 1 else [
-                LayerRun(stack, start, start + k) for start in range(0, len(stack), k)]
-        return runs
-
-    def compiled_layers(self, stack: torch.nn.ModuleList, positions: torch.Tensor,
-                        hidden: torch.Tensor, residual: torch.Tensor):
-        """`run_decoder_layers`, compiled."""
-        for run in self._runs(stack):
-            hidden, residual = self.compiled_layer(run, positions, hidden, residual)
-        return hidden, residual
-
     def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **extra):
-        if hasattr(self.model, "attention_layers"):  # a decoder
-            return self.model(input_ids, positions, call_layers=self.compiled_layers, **extra)
         return self.model(input_ids, positions, call_layer=self.compiled_layer, **extra)
-
-    def module_names(self) -> dict[torch.nn.Module, str]:
-        """Names for records: the model's modules, and each `LayerRun` as its stack's name
-        with the run's span, e.g. `model.layers[0:5]`."""
-        names = {module: name for name, module in self.model.named_modules()}
-        for stack, runs in self.runs.items():
-            for run in runs:
-                if isinstance(run, LayerRun):
-                    names[run] = f"{names[stack]}[{run.start}:{run.stop}]"
-        return names
-
-    def module_named(self, name: str) -> torch.nn.Module | None:
-        """The module (or `LayerRun`) `module_names` gave `name`; None if there is none."""
-        base, bracket, span = name.partition("[")
-        module = dict(self.model.named_modules()).get(base)
-        if not bracket:
-            return module
-        if not isinstance(module, torch.nn.ModuleList):
-            return None
-        return next((run for run in self._runs(module) if isinstance(run, LayerRun) and
-                     f"{run.start}:{run.stop}]" == span), None)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,8 +156,7 @@ class GraphRunner:
         """Take the traced graphs from the cache's record of them, if it has one and every
         artifact it names."""
         record = self.cache.load_record(self.record_key) if self.cache is not None else None
-        direct = restore(record, self.module_named, self.backend) if record is not None \
-            else None
+        direct = restore(record, self.model, self.backend) if record is not None else None
         if direct is None:
             return False
         self.direct.update(direct)
@@ -259,7 +186,7 @@ class GraphRunner:
         if restored:  # every artifact was verified; those not yet loaded wait for first use
             keys = {key for piece in self.backend.pieces for key in piece.info.keys.values()}
             self.backend.counters.num_deferred += len(keys - self.backend.artifacts.keys())
-        elif self.cache is not None and (record := describe(self.direct, self.module_names())):
+        elif self.cache is not None and (record := describe(self.direct, self.model)):
             self.cache.save_record(self.record_key, record)
         if self.device.type == "cpu" and self.cache is not None:
             remember_vec_isa(self.cache.root)

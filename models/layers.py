@@ -93,15 +93,6 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; its weight has the embedding's shape."""
 
 
-def run_decoder_layers(layers, positions: torch.Tensor, hidden: torch.Tensor,
-                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder layers in order: each takes the positions and the (hidden, residual) pair the
-    previous one returned."""
-    for layer in layers:
-        hidden, residual = layer(positions, hidden, residual)
-    return hidden, residual
-
-
 class LogitsProjection(nn.Module):
     """Hidden states [T, H] times the vocabulary matrix -> float32 logits [T, V]. The matrix
     is an argument, not a parameter, so a tied embedding is not registered twice; as a

@@ -17,7 +17,6 @@ from .layers import (
     RowParallelLinear,
     SiluAndMul,
     VocabParallelEmbedding,
-    run_decoder_layers,
 )
 
 
@@ -99,13 +98,16 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, call_layers=None):
+    def forward(self, input_ids, positions, call_layer=None):
         # A zero residual makes the first layer's graph the same as every other's (adding
         # zero is exact), so one trace serves all layers.
         hidden = self.embed_tokens(input_ids)
         residual = torch.zeros_like(hidden)
-        hidden, residual = (call_layers or run_decoder_layers)(self.layers, positions, hidden,
-                                                               residual)
+        for layer in self.layers:
+            if call_layer is None:
+                hidden, residual = layer(positions, hidden, residual)
+            else:
+                hidden, residual = call_layer(layer, positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -130,11 +132,11 @@ class LlamaForCausalLM(nn.Module):
         self.logits_projection = LogitsProjection()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                call_layers=None) -> torch.Tensor:
+                call_layer=None) -> torch.Tensor:
         """Hidden states of every token; attention metadata comes from attention_context.
-        `call_layers(layers, positions, hidden, residual)`, when given, runs the decoder
-        layers as `run_decoder_layers` does (the compiler passes its compiled call here)."""
-        return self.model(input_ids, positions, call_layers)
+        `call_layer(layer, positions, hidden, residual)`, when given, runs each decoder layer
+        (the compiler passes its compiled layer call here)."""
+        return self.model(input_ids, positions, call_layer)
 
     def compute_logits(self, hidden: torch.Tensor, call_layer=None) -> torch.Tensor:
         """Float32 logits [T, V]; `call_layer`, when given, runs the projection (the

@@ -19,7 +19,6 @@ from conftest import (
 
 from kiln import LLM, SamplingParams
 from kiln.compiler.cache import CompileCache, UnsafeCacheDirError
-from kiln.graphs.runner import layers_per_call
 from kiln.models import attention_context
 
 SIZES = [1, 2, 4, 8, 16, 32]
@@ -77,15 +76,11 @@ def test_compiled_logits_projection_equals_eager(llm):
         compiled = runner.graph_runner.logits(hidden)
         eager = runner.model.compute_logits(hidden)
         batched = runner.graph_runner.logits(hidden.repeat(3, 1))  # more rows: BLAS
-    # The layers (on CPU in runs: the tiny model's 2 layers are one) and the projection run
-    # without Dynamo, each with its own inputs bound once (at their first call after the one
-    # through Dynamo).
+    # Layers and projection run without Dynamo, each with its own inputs bound once (at
+    # their first call after the one through Dynamo).
     llm.generate(token_prompts([[5, 6, 7]]), GREEDY, use_tqdm=False)
-    graphs = runner.graph_runner
-    assert graphs.bound.keys() == graphs.direct.keys()
-    assert graphs.bound.keys() == {*graphs.runs[runner.model.model.layers],
-                                   runner.model.logits_projection}
-    assert len(graphs.runs[runner.model.model.layers]) == 1
+    assert runner.graph_runner.bound.keys() == runner.graph_runner.direct.keys()
+    assert len(runner.graph_runner.bound) == len(runner.model.model.layers) + 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, eager.repeat(3, 1), rtol=1e-5, atol=1e-5)
 
@@ -118,47 +113,16 @@ def test_compiled_pieces_do_not_grow_with_depth(tmp_path, dynamic):
     """Every layer shares one trace and one artifact, whatever the depth: per size, or
     (dynamic) for size 1 and for the sizes 2-32, which the same pass applies to. On CPU the
     attention's kernel is called from the compiled layer, so a layer is one piece (elsewhere
-    two, split at the attention), and layers compile in runs of equal length: the 6 layers
-    here in two runs of 3 that share their trace and artifacts. The logits projection adds
-    one trace and one artifact (for one row). Without dynamic artifacts, two sizes: a
-    static compile of a 3-layer run costs about 15 s here."""
-    sizes = SIZES if dynamic else [1, 32]
-    for layers in (2, 6):
+    two, split at the attention). The logits projection adds one trace and one artifact (for
+    one row)."""
+    for layers in (2, 4):
         make_tiny_model(tmp_path / f"m{layers}", num_hidden_layers=layers)
         llm = compiled_llm(tmp_path / f"m{layers}", str(tmp_path / f"cache{layers}"),
-                           compilation={"dynamic": dynamic, "sizes": sizes})
-        graphs = llm.engine.runner.graph_runner
-        assert graphs.backend.split_at == ("kiln.encoder_attention",)
-        assert [(run.start, run.stop) for run in graphs.runs[llm.engine.runner.model.model.layers]
-                ] == ([(0, 2)] if layers == 2 else [(0, 3), (3, 6)])
+                           compilation={"dynamic": dynamic})
+        assert llm.engine.runner.graph_runner.backend.split_at == ("kiln.encoder_attention",)
         c = counters(llm)
-        assert c.num_compiles == (2 if dynamic else len(sizes)) + 1
+        assert c.num_compiles == (2 if dynamic else len(SIZES)) + 1
         assert c.num_traces == 2  # one symbolic trace serves every size, 1 included
-
-
-def test_runs_of_layers_match_transformers_and_restore_by_name(tmp_path):
-    """Two runs of 3 layers give transformers' greedy tokens, and a warm start rebuilds each
-    run's call from the record, which names runs by their layers (`model.layers[3:6]`)."""
-    hf = make_tiny_model(tmp_path / "m6", num_hidden_layers=6, seed=6)
-    prompts = random_prompts(4, seed=36)
-    expected = [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
-    for start in ("cold", "warm"):
-        llm = compiled_llm(tmp_path / "m6", str(tmp_path / "cache"), compilation={"sizes": [1, 32]})
-        graphs = llm.engine.runner.graph_runner
-        assert graphs.backend.counters.num_traces_restored == (2 if start == "warm" else 0)
-        outs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outs] == expected
-        assert set(graphs.module_names()[run] for run in graphs.runs[
-            llm.engine.runner.model.model.layers]) == {"model.layers[0:3]", "model.layers[3:6]"}
-        assert graphs.bound.keys() >= set(graphs.runs[llm.engine.runner.model.model.layers])
-
-
-def test_layers_per_call_divides_the_stack():
-    assert layers_per_call(30, one_piece=True) == 5
-    assert layers_per_call(24, one_piece=True) == 4
-    assert layers_per_call(6, one_piece=True) == 3
-    assert layers_per_call(7, one_piece=True) == 1  # a prime: runs of 1
-    assert layers_per_call(30, one_piece=False) == 1  # split at the attention: no runs
 
 
 def test_warm_cache_loads_instead_of_compiling(tiny_llama, tmp_path, reference):
