@@ -83,11 +83,13 @@ def cpu_passes(dtype=None) -> list[str]:
     (the Xeon and Zen 4 EPYC of earlier notes), and in bfloat16 on AVX2 (the Zen 3 EPYC
     here, batch-1 decode in one process, 8 alternating rounds: 63.5 tok/s median against
     57.2, faster in every round, same tokens; in float32 38.9 against 41.1, so not there).
-    A few rows: W·xᵀ, except in float32 on AVX-512, where MKL ran x·Wᵀ faster (64 prompts
-    x 64 new tokens on the Xeon of these notes, in one process, alternating: 338-351 tok/s
-    without the pass against 275-329 with it, same tokens; in bfloat16 oneDNN ran W·xᵀ
-    faster, 680-893 against 627-755) and oneDNN with packed weights faster still
-    (models/cpu_packed_linear.py, measured on the Zen 4 EPYC)."""
+    A few rows in float32: oneDNN with packed weights (models/cpu_packed_linear.py; on the
+    Zen 4 EPYC, and on the Zen 3 EPYC 64 prompts x 128 new tokens ran at 189-211 tok/s
+    against 177-189 with W·xᵀ, 3 alternating rounds in one process, same tokens). In
+    bfloat16 and on other CPUs: W·xᵀ, except in float32 on AVX-512, where MKL ran x·Wᵀ
+    faster (64 prompts x 64 new tokens on the Xeon of these notes, in one process,
+    alternating: 338-351 tok/s without the pass against 275-329 with it, same tokens; in
+    bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
     import torch
 
     from ..models.cpu_packed_linear import can_pack
@@ -97,8 +99,8 @@ def cpu_passes(dtype=None) -> list[str]:
     row_kernel = avx512 or (capability == "AVX2" and dtype == torch.bfloat16)
     passes = ["single_token_linear_as_row_kernel" if row_kernel
               else "single_token_linear_as_reduction"]
-    if not (avx512 and dtype == torch.float32):
-        passes.append("linear_as_weight_times_input")
-    elif can_pack(torch.device("cpu"), dtype):
+    if (avx512 or capability == "AVX2") and can_pack(torch.device("cpu"), dtype):
         passes.append("linear_with_packed_weights")
+    elif not (avx512 and dtype == torch.float32):
+        passes.append("linear_as_weight_times_input")
     return passes

@@ -55,11 +55,17 @@ def _packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
     return entry[1]
 
 
-def _linear_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear_with_packed_copy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x W^T through W's packed copy; None where W has none or x is not [rows, in]."""
     packed = _packed_copy(weight) if x.dim() == 2 and x.dtype == weight.dtype else None
     if packed is None:
-        return F.linear(x, weight)
+        return None
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _linear_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = linear_with_packed_copy(x, weight)
+    return F.linear(x, weight) if out is None else out
 
 
 _LIB.impl("linear_packed", _linear_packed, "CompositeExplicitAutograd")
@@ -77,13 +83,15 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 @torch.no_grad()
 def pack_linear_weights(model: nn.Module) -> int:
-    """Give every linear projection of `model` (float32 CPU weights loaded in place) its
-    packed copy, kept until the weight is freed; returns how many were packed."""
+    """Give every linear projection of `model` (float32 CPU weights loaded in place) and
+    its vocabulary matrix, where it has one, a packed copy, kept until the weight is freed;
+    returns how many were packed."""
+    weights = [module.weight for module in model.modules()
+               if isinstance(module, ColumnParallelLinear)]  # every projection's class
+    if hasattr(model, "logits_weight"):
+        weights.append(model.logits_weight)
     count = 0
-    for module in model.modules():
-        if not isinstance(module, ColumnParallelLinear):  # every projection's class
-            continue
-        weight = module.weight
+    for weight in weights:
         if not can_pack(weight.device, weight.dtype):
             continue
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_FOR_ROWS)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .cpu_packed_linear import linear_with_packed_copy
 from .layers import (
     LogitsProjection,
     MergedColumnParallelLinear,
@@ -138,23 +139,34 @@ class LlamaForCausalLM(nn.Module):
         (the compiler passes its compiled layer call here)."""
         return self.model(input_ids, positions, call_layer)
 
+    @property
+    def logits_weight(self) -> nn.Parameter:
+        """The vocabulary matrix [V, H] the logits are computed with."""
+        return (self.model.embed_tokens if self.tie_word_embeddings else self.lm_head).weight
+
     def compute_logits(self, hidden: torch.Tensor, call_layer=None) -> torch.Tensor:
         """Float32 logits [T, V]; `call_layer`, when given, runs the projection (the
         compiler passes its compiled call for one-row decode steps)."""
-        weight = (self.model.embed_tokens if self.tie_word_embeddings else self.lm_head).weight
+        weight = self.logits_weight
         if call_layer is not None:
             return call_layer(self.logits_projection, hidden, weight)
         if hidden.shape[0] == 1:
             return self.logits_projection(hidden, weight)
         # The same product with the vocabulary as BLAS's outer matrix: 1.6x faster for 32
-        # rows on this CPU (see compiler/passes.py, linear_as_weight_times_input). Copied
-        # back to row-major: the sampler's argmax over a transposed view of 64 rows took
-        # 14 ms, over rows 1 ms.
+        # rows on an earlier CPU (see compiler/passes.py, linear_as_weight_times_input).
+        # Copied back to row-major: the sampler's argmax over a transposed view of 64 rows
+        # took 14 ms, over rows 1 ms.
         if hidden.device.type != "cpu":
             return (weight @ hidden.T).T.float().contiguous()
-        # On CPU in slices of the vocabulary, each copied while it is still in cache: for
-        # SmolLM2 (49152 x 576) in decode steps here, median 19.5 ms instead of 26.1 for 16
-        # rows and 43.3 instead of 51.2 for 64 (one 12.6 MB copy cost about 8 ms of those).
+        # A float32 compiled model packed the matrix for oneDNN (models/cpu_packed_linear.py):
+        # on the Zen 3 EPYC of the README, 28.6 ms for 64 rows against 36.7 in slices below,
+        # 6.8 against 17.7 for 8.
+        packed = linear_with_packed_copy(hidden, weight)
+        if packed is not None:
+            return packed
+        # Otherwise in slices of the vocabulary, each copied while it is still in cache: for
+        # SmolLM2 (49152 x 576) in decode steps, median 19.5 ms instead of 26.1 for 16 rows
+        # and 43.3 instead of 51.2 for 64 (one 12.6 MB copy cost about 8 ms of those).
         out = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=torch.float32)
         for start in range(0, weight.shape[0], 1024):
             out[:, start:start + 1024] = (weight[start:start + 1024] @ hidden.T).T

@@ -469,7 +469,7 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
 @pytest.mark.parametrize("capability,dtype,row_kernel,weight_times_input", [
     ("AVX512", torch.float32, True, False),  # MKL ran x·Wᵀ faster there in float32
     ("AVX512", torch.bfloat16, True, True),
-    ("AVX2", torch.float32, False, True),
+    ("AVX2", torch.float32, False, False),  # oneDNN with packed weights instead
     ("AVX2", torch.bfloat16, True, True),  # the row kernel's AVX2 path, bfloat16 only
     ("AVX2", None, False, True),
     ("AVX512", None, True, True),  # dtype not known: as before
@@ -483,9 +483,8 @@ def test_cpu_default_passes_follow_the_cpu_and_the_dtype(monkeypatch, capability
     assert ("single_token_linear_as_row_kernel" in passes) == row_kernel
     assert ("single_token_linear_as_reduction" in passes) != row_kernel
     assert ("linear_as_weight_times_input" in passes) == weight_times_input
-    # float32 on AVX-512 (where x·Wᵀ stays): oneDNN with packed weights for several rows
-    assert ("linear_with_packed_weights" in passes) == (
-        capability == "AVX512" and dtype == torch.float32)
+    # float32: oneDNN with packed weights for several rows
+    assert ("linear_with_packed_weights" in passes) == (dtype == torch.float32)
     assert CompilationConfig(passes=[]).for_device("cpu", dtype).passes == []  # the user's win
     assert CompilationConfig().for_device("cuda", dtype).passes == []
 

@@ -15,6 +15,7 @@ from conftest import (
 
 from kiln import SamplingParams
 from kiln.models import attention_context
+from kiln.models.cpu_packed_linear import can_pack, linear_with_packed_copy, pack_linear_weights
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -46,12 +47,17 @@ def test_prompt_logits_match_transformers(tiny_models, arch):
     inputs = engine.runner.prepare_inputs(batch)
     with attention_context(inputs.meta):
         hidden = engine.runner.model(inputs.input_ids, inputs.positions)
-    logits = engine.runner.model.compute_logits(hidden)
+    model = engine.runner.model
+    logits = model.compute_logits(hidden)
     start = 0
     for req, n in zip(batch.requests, batch.num_scheduled_tokens):
         ref = hf(torch.tensor([req.token_ids])).logits[0]
         assert (logits[start:start + n] - ref).abs().max().item() <= 1e-3
         start += n
+    if can_pack(hidden.device, hidden.dtype):  # as a compiled float32 model's are
+        assert pack_linear_weights(model) > 0
+        assert linear_with_packed_copy(hidden, model.logits_weight) is not None
+        torch.testing.assert_close(model.compute_logits(hidden), logits, rtol=1e-4, atol=1e-4)
     engine.abort_all()
     assert_all_blocks_free(llm)
 
