@@ -344,6 +344,12 @@ def _prepare_inductor(kept: bool, check_vec_isa: bool) -> None:
         # with the one it was saved with, computed once per process: here, while the main
         # thread loads weights and imports nothing (the hash walks torch's modules).
         torch_key()
+        # The rest of Inductor's compiler, and what the check below builds its probes with,
+        # here too: two threads importing Inductor's modules at once can meet in an import
+        # cycle, where Python hands one of them a module still being initialised (the suite
+        # once failed with "cannot import name 'autograd_cache'" in the main thread).
+        importlib.import_module("torch._inductor.compile_fx")
+        importlib.import_module("torch.utils.cpp_extension")
     except Exception:  # the main thread's own import raises it where it can be handled
         return
     finally:
@@ -370,9 +376,9 @@ def beside_inductor_start():
 
 
 def inductor_ready(root: Path | None, device: torch.device) -> None:
-    """Wait for `start_inductor`'s imports (starting it if nothing did), apply kiln's
-    settings under the cache at `root` in this thread (Inductor's settings are per thread),
-    and import what loading an artifact needs while the vector instruction set check runs."""
+    """Wait for `start_inductor`'s imports (starting it if nothing did) and apply kiln's
+    settings under the cache at `root` in this thread (Inductor's settings are per thread).
+    Where the start thread's import failed, this one raises its error."""
     start_inductor(root, device)
     _inductor_imported.wait()
     if root is not None:
