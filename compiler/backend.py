@@ -73,6 +73,9 @@ PASSES = {
                                      linear_as_weight_times_input, lambda device_type: {}),
     "linear_with_packed_weights": (lambda size: size > 1, linear_with_packed_weights,
                                    lambda device_type: {}),
+    "few_rows_linear_with_packed_weights": (lambda size: 1 < size <= 256,
+                                            linear_with_packed_weights,
+                                            lambda device_type: {}),
 }
 
 logger = logging.getLogger("kiln")

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field, fields, replace
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 KNOWN_PASSES = ("single_token_linear_as_row_kernel", "single_token_linear_as_reduction",
-                "linear_as_weight_times_input", "linear_with_packed_weights")
+                "linear_as_weight_times_input", "linear_with_packed_weights",
+                "few_rows_linear_with_packed_weights")
 
 
 @dataclass
@@ -83,13 +84,16 @@ def cpu_passes(dtype=None) -> list[str]:
     (the Xeon and Zen 4 EPYC of earlier notes), and in bfloat16 on AVX2 (the Zen 3 EPYC
     here, batch-1 decode in one process, 8 alternating rounds: 63.5 tok/s median against
     57.2, faster in every round, same tokens; in float32 38.9 against 41.1, so not there).
-    A few rows in float32: oneDNN with packed weights (models/cpu_packed_linear.py; on the
-    Zen 4 EPYC, and on the Zen 3 EPYC 64 prompts x 128 new tokens ran at 189-211 tok/s
-    against 177-189 with W·xᵀ, 3 alternating rounds in one process, same tokens). In
-    bfloat16 and on other CPUs: W·xᵀ, except in float32 on AVX-512, where MKL ran x·Wᵀ
-    faster (64 prompts x 64 new tokens on the Xeon of these notes, in one process,
-    alternating: 338-351 tok/s without the pass against 275-329 with it, same tokens; in
-    bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
+    Several rows in float32: oneDNN with packed weights (models/cpu_packed_linear.py) on
+    AVX-512 (the Zen 4 EPYC); on AVX2 for up to 256 rows only (the Zen 3 EPYC: 64 prompts
+    x 128 new tokens ran at 189-211 tok/s against 177-189 with W·xᵀ, 3 alternating rounds
+    in one process, same tokens; at 512-2048 rows MKL's x·Wᵀ ran SmolLM2's projections
+    5-8 % faster than the packed product, and 64 prompts of 128 tokens prefilled in 13.3 s
+    median against 14.6 with packed weights at every size, 3 alternating pairs of
+    processes, two runs each). In bfloat16 and on other CPUs: W·xᵀ, except in float32 on
+    AVX-512, where MKL ran x·Wᵀ faster (64 prompts x 64 new tokens on the Xeon of these
+    notes, in one process, alternating: 338-351 tok/s without the pass against 275-329
+    with it, same tokens; in bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
     import torch
 
     from ..models.cpu_packed_linear import can_pack
@@ -99,8 +103,10 @@ def cpu_passes(dtype=None) -> list[str]:
     row_kernel = avx512 or (capability == "AVX2" and dtype == torch.bfloat16)
     passes = ["single_token_linear_as_row_kernel" if row_kernel
               else "single_token_linear_as_reduction"]
-    if (avx512 or capability == "AVX2") and can_pack(torch.device("cpu"), dtype):
+    if avx512 and can_pack(torch.device("cpu"), dtype):
         passes.append("linear_with_packed_weights")
+    elif capability == "AVX2" and can_pack(torch.device("cpu"), dtype):
+        passes.append("few_rows_linear_with_packed_weights")
     elif not (avx512 and dtype == torch.float32):
         passes.append("linear_as_weight_times_input")
     return passes

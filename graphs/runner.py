@@ -49,7 +49,8 @@ class GraphRunner:
         if enforce_eager:
             return
         self.cache = cache
-        if "linear_with_packed_weights" in compilation.passes:
+        if {"linear_with_packed_weights", "few_rows_linear_with_packed_weights"} & \
+                set(compilation.passes):
             pack_linear_weights(model)  # the pieces of several rows use the packed copies
         inductor_ready(cache.root if cache is not None else None, device)
         configure_dynamo(64)
