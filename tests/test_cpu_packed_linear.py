@@ -62,4 +62,3 @@ def test_a_freed_weight_takes_its_packed_copy_along():
     del model
     gc.collect()  # the layers' weight loaders make reference cycles
     assert not ptrs & set(cpu_packed_linear._packed)
-
