@@ -81,6 +81,11 @@ PASSES = {
 logger = logging.getLogger("kiln")
 
 
+def uses_packed_weights(passes: list[str]) -> bool:
+    """Whether any of `passes` calls the projections' packed copies, which must then exist."""
+    return any(PASSES[name][1] is linear_with_packed_weights for name in passes)
+
+
 def _split_op(node: fx.Node, names: tuple[str, ...]):
     """The plain function behind the node's op if it is one of the split points `names`
     (keys of SPLIT_OPS), else None."""

@@ -103,9 +103,10 @@ def cpu_passes(dtype=None) -> list[str]:
     row_kernel = avx512 or (capability == "AVX2" and dtype == torch.bfloat16)
     passes = ["single_token_linear_as_row_kernel" if row_kernel
               else "single_token_linear_as_reduction"]
-    if avx512 and can_pack(torch.device("cpu"), dtype):
+    packable = can_pack(torch.device("cpu"), dtype)
+    if avx512 and packable:
         passes.append("linear_with_packed_weights")
-    elif capability == "AVX2" and can_pack(torch.device("cpu"), dtype):
+    elif capability == "AVX2" and packable:
         passes.append("few_rows_linear_with_packed_weights")
     elif not (avx512 and dtype == torch.float32):
         passes.append("linear_as_weight_times_input")

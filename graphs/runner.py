@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..compiler.backend import KilnBackend
+from ..compiler.backend import KilnBackend, uses_packed_weights
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
 from ..compiler.inductor import configure_dynamo, inductor_ready, keep_static, remember_vec_isa
@@ -49,8 +49,7 @@ class GraphRunner:
         if enforce_eager:
             return
         self.cache = cache
-        if {"linear_with_packed_weights", "few_rows_linear_with_packed_weights"} & \
-                set(compilation.passes):
+        if uses_packed_weights(compilation.passes):
             pack_linear_weights(model)  # the pieces of several rows use the packed copies
         inductor_ready(cache.root if cache is not None else None, device)
         configure_dynamo(64)

@@ -64,6 +64,28 @@ static inline void fetch_row(const void* row, size_t bytes) {
     __builtin_prefetch(static_cast<const char*>(row) + b, 0, 2);
 }
 
+// Where the float rows of positions [i0, i0 + m) lie, m = min(W, n - i0), into `rows`:
+// float32 keys where they are cached, bfloat16 ones converted into `converted` (W rows of
+// scratch). The next W positions' rows are fetched meanwhile. Returns m.
+template <int W, typename T>
+static inline int key_rows(const T* k_cache, const int64_t* where, int64_t i0, int64_t n,
+                           int64_t slot, float* converted, const float** rows) {
+  const int m = n - i0 < W ? static_cast<int>(n - i0) : W;
+  for (int64_t i = i0 + W; i < n && i < i0 + 2 * W; ++i)
+    fetch_row(k_cache + where[i], sizeof(T) * slot);
+  for (int p = 0; p < m; ++p) {
+    const T* k = k_cache + where[i0 + p];
+    if constexpr (std::is_same_v<T, float>) {
+      rows[p] = k;
+    } else {
+      float* row = converted + p * slot;
+      for (int64_t j = 0; j < slot; ++j) row[j] = to_float(k[j]);
+      rows[p] = row;
+    }
+  }
+  return m;
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -158,23 +180,7 @@ static inline bool scores_by_hand(const float* q, const T* k_cache, const int64_
     const __m512 scale_v = _mm512_set1_ps(scale);
     const float* rows[16];
     for (int64_t i0 = 0; i0 < n; i0 += 16) {
-      const int m = n - i0 < 16 ? static_cast<int>(n - i0) : 16;
-      for (int64_t i = i0 + 16; i < n && i < i0 + 32; ++i)
-        fetch_row(k_cache + where[i], sizeof(T) * slot);
-      for (int p = 0; p < m; ++p) {
-        const T* k = k_cache + where[i0 + p];
-        if constexpr (std::is_same_v<T, float>) {
-          rows[p] = k;
-        } else {
-          float* row = converted + p * slot;
-          for (int64_t j = 0; j < slot; j += kDim) {
-            __m512 head[R];
-            load_row<kDim>(k + j, head);
-            for (int u = 0; u < R; ++u) _mm512_storeu_ps(row + j + 16 * u, head[u]);
-          }
-          rows[p] = row;
-        }
-      }
+      const int m = key_rows<16>(k_cache, where, i0, n, slot, converted, rows);
       for (int64_t r = 0; r < num_kv_heads * group; ++r) {
         const int64_t head = (r / group) * kDim;
         __m512 qr[R], acc[16];
@@ -199,19 +205,7 @@ static inline bool scores_by_hand(const float* q, const T* k_cache, const int64_
     const __m256 scale_v = _mm256_set1_ps(scale);
     const float* rows[8];
     for (int64_t i0 = 0; i0 < n; i0 += 8) {
-      const int m = n - i0 < 8 ? static_cast<int>(n - i0) : 8;
-      for (int64_t i = i0 + 8; i < n && i < i0 + 16; ++i)
-        fetch_row(k_cache + where[i], sizeof(T) * slot);
-      for (int p = 0; p < m; ++p) {
-        const T* k = k_cache + where[i0 + p];
-        if constexpr (std::is_same_v<T, float>) {
-          rows[p] = k;
-        } else {
-          float* row = converted + p * slot;
-          for (int64_t j = 0; j < slot; j += 8) _mm256_storeu_ps(row + j, load8(k + j));
-          rows[p] = row;
-        }
-      }
+      const int m = key_rows<8>(k_cache, where, i0, n, slot, converted, rows);
       for (int p = m; p < 8; ++p) rows[p] = rows[0];  // lanes past n: summed, not stored
       for (int64_t r = 0; r < num_kv_heads * group; ++r) {
         const float* k_head[8];
