@@ -154,19 +154,21 @@ def builds_in(root: Path):
     this, a process that used another kiln cache first kept building there, and this
     cache's artifacts then lacked their kernels: the next process rebuilt them on first use
     (14 s before a first token, seen here)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, temporary_cache_dir
+
     wanted = {name: path for name, path in _build_dirs(root).items()
               if _USER_BUILD_DIRS[name] is None}
     if all(os.environ.get(name) == path for name, path in wanted.items()):
+        _keep_headers_in(cache_dir())
         yield
         return
-    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
-
     triton = os.environ.get("TRITON_CACHE_DIR")
     if "TRITON_CACHE_DIR" in wanted:
         os.environ["TRITON_CACHE_DIR"] = wanted["TRITON_CACHE_DIR"]
     try:
         inductor = wanted.get("TORCHINDUCTOR_CACHE_DIR")
         with temporary_cache_dir(inductor) if inductor else contextlib.nullcontext():
+            _keep_headers_in(cache_dir())
             yield
     finally:
         if triton is None:
@@ -186,19 +188,34 @@ def _verdict_kept(root: Path) -> bool:
     return "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ and _vec_isa_marker(root).exists()
 
 
+def _keep_headers_in(builds: str) -> None:
+    """Keep Inductor's precompiled kernel header beside the kernel builds at `builds`.
+
+    Every C++ kernel Inductor builds for the CPU starts with one large header (ATen's vector
+    types): g++ took 3.0 s for a SmolLM2 layer kernel here, 0.8 s with that header
+    precompiled (built once in 6 s, 128 MB). Inductor keeps precompiled headers in the
+    temporary directory, shared by every cache; kept here instead, a cold start with an empty
+    cache builds its own (so it is timed as cold) and `kiln cache clear` removes it. The
+    path is remembered per process, so a change of directory forgets it."""
+    from torch._inductor import codecache
+
+    headers = os.path.join(builds, "precompiled_headers")
+    if codecache._HEADER_DIR != headers:
+        codecache._HEADER_DIR = headers
+        codecache._HEADER_LOCK_DIR = os.path.join(headers, "locks")
+        codecache._precompile_header.cache_clear()
+
+
 def configure_inductor(root: Path) -> None:
-    """CPU settings that keep a warm start from redoing per-process checks (1 s here):
-
-    - no precompiled headers: with them, every process preprocesses and hashes the kernel
-      header before it may load an already built kernel (cold compiles take as long either
-      way here; the setting changes kernel keys, so it is always the same);
-    - once a compile in this cache found that the vector instruction set builds and loads,
-      trust it instead of building and loading a probe library in a subprocess again
-      (this does not change kernel keys). Environment variables the user set win."""
+    """Settings under the cache at `root`: precompiled kernel headers kept in its build
+    directory (`_keep_headers_in`); and, once a compile in this cache found that the vector
+    instruction set builds and loads, trust it instead of building and loading a probe
+    library in a subprocess again on every start (this does not change kernel keys; the
+    user's TORCHINDUCTOR_VEC_ISA_OK wins)."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    if "TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS" not in os.environ:
-        inductor_config.cpp_cache_precompile_headers = False
+    _keep_headers_in(cache_dir())
     if _verdict_kept(root):
         inductor_config.cpp.vec_isa_ok = True
 
