@@ -33,7 +33,14 @@ from ..models.cpu_linear import linear_c_shims
 from . import passes as passes_module
 from .cache import CompileCache
 from .config import CompilationConfig
-from .inductor import builds_in, c_shim_wrapper, compile_piece, graph_input_sources
+from .inductor import (
+    builds_in,
+    c_shim_wrapper,
+    compile_piece,
+    direct_form,
+    graph_input_sources,
+    load_direct,
+)
 from .passes import (
     SINGLE_TOKEN_INDUCTOR_OPTIONS,
     linear_as_weight_times_input,
@@ -95,6 +102,11 @@ def _split_op(node: fx.Node, names: tuple[str, ...]):
     return SPLIT_OPS[op] if op in names else None
 
 
+def direct_key(key: str) -> str:
+    """The cache key of an artifact's description for `load_direct`."""
+    return f"{key}-direct"
+
+
 class UncompiledSizeError(RuntimeError):
     """A compiled model was called with a token count it was not compiled for."""
 
@@ -107,6 +119,7 @@ class CompileCounters:
     num_cache_loads: int = 0  # artifacts loaded from the persistent cache
     num_shared: int = 0  # pieces served by an artifact another piece already produced
     num_deferred: int = 0  # verified in the cache at warm-up, loaded when first used
+    num_direct_loads: int = 0  # cache loads that ran the generated code without Inductor
     seconds_by_size: dict[int, float] = field(default_factory=dict)
 
 
@@ -157,6 +170,7 @@ class PieceInfo:
     static_size: int | None
     token_sized: list[bool]  # which inputs have the token count as their size
     returns_one: bool  # a single output (loaded artifacts return a sequence even then)
+    num_outputs: int  # the graph's outputs (1 where `returns_one`)
     only_sizes: list[int] | None = None  # None: every size of the backend
     keys: dict[int, str] = field(default_factory=dict)  # size -> artifact key
 
@@ -167,7 +181,9 @@ class PieceInfo:
         return cls(structure=hashlib.sha256(_structure(gm).encode()).hexdigest(),
                    token_arg=_token_arg(gm), static_size=static_size,
                    token_sized=[_is_token_sized(n) for n in placeholders],
-                   returns_one=not isinstance(output.args[0], (tuple, list)))
+                   returns_one=not isinstance(output.args[0], (tuple, list)),
+                   num_outputs=len(output.args[0]) if isinstance(output.args[0], (tuple, list))
+                   else 1)
 
 
 class Piece(torch.nn.Module):
@@ -305,8 +321,10 @@ class DirectCall:
 
 class KilnBackend:
     def __init__(self, config: CompilationConfig, cache: CompileCache | None, sizes: list[int],
-                 cache_salt: str, split_at: tuple[str, ...] = tuple(SPLIT_OPS)):
+                 cache_salt: str, split_at: tuple[str, ...] = tuple(SPLIT_OPS),
+                 inductor_ready: Callable[[], None] = lambda: None):
         self.config = config
+        self.inductor_ready = inductor_ready  # called before Inductor compiles or loads
         self.split_at = split_at  # the ops graphs are split at; others compile in their piece
         self.cache = cache
         self.sizes = sorted(set(sizes))
@@ -438,6 +456,30 @@ class KilnBackend:
             return None
         return self.artifact_for(piece, size, args)
 
+    def _load_direct(self, key: str):
+        """The artifact's generated code, run without Inductor (compiler/inductor.py's
+        `load_direct`), if the cache describes it and still holds the artifact itself (which
+        records and later starts rely on); None otherwise, or if a kernel library the
+        description names is missing or changed (the description is then dropped)."""
+        if self.cache is None or not self.cache.contains(key):
+            return None
+        form = self.cache.load_record(direct_key(key))
+        if form is None:
+            return None
+        try:
+            artifact = load_direct(form)
+        except Exception as e:  # from the cache's data: never trusted beyond a fallback
+            logger.warning("cannot run compile cache entry %s directly (%s); loading it "
+                           "through Inductor", key, e)
+            self.cache.remove(direct_key(key))
+            return None
+        self.counters.num_direct_loads += 1
+        return artifact
+
+    def is_direct(self, key: str) -> bool:
+        """Whether the cache holds a description of the artifact for `load_direct`."""
+        return self.cache is not None and self.cache.contains(direct_key(key))
+
     def artifact_for(self, piece: Piece, size: int, args: list):
         key = self._key(piece, size, args)
         if key in self.artifacts:
@@ -445,19 +487,25 @@ class KilnBackend:
             return self.artifacts[key]
         start = time.perf_counter()
         with builds_in(self.cache.root) if self.cache is not None else contextlib.nullcontext():
-            artifact = self.cache.load(key) if self.cache is not None else None
-            if artifact is not None:
-                self.counters.num_cache_loads += 1
-            elif piece.gm is None:
-                raise RuntimeError(f"compile cache entry {key} in {self.cache.root} went "
-                                   f"missing while kiln ran; start again to rebuild it")
-            else:
-                artifact = compile_piece(self._rewritten(piece.gm, size), args,
-                                         self._inductor_options(size, args),
-                                         dynamic=self._dynamic_range(piece, size) is not None)
-                self.counters.num_compiles += 1
-                if self.cache is not None:
-                    self.cache.save(key, artifact)
+            artifact = self._load_direct(key)
+            if artifact is None:
+                self.inductor_ready()
+                artifact = self.cache.load(key) if self.cache is not None else None
+                if artifact is not None:
+                    self.counters.num_cache_loads += 1
+                elif piece.gm is None:
+                    raise RuntimeError(f"compile cache entry {key} in {self.cache.root} went "
+                                       f"missing while kiln ran; start again to rebuild it")
+                else:
+                    artifact = compile_piece(self._rewritten(piece.gm, size), args,
+                                             self._inductor_options(size, args),
+                                             dynamic=self._dynamic_range(piece, size) is not None)
+                    self.counters.num_compiles += 1
+                    if self.cache is not None:
+                        self.cache.save(key, artifact)
+                if self.cache is not None and (form := direct_form(
+                        artifact, len(piece.info.token_sized), piece.info.num_outputs)):
+                    self.cache.save_record(direct_key(key), form)
         elapsed = time.perf_counter() - start
         self.counters.seconds_by_size[size] = self.counters.seconds_by_size.get(size, 0) + elapsed
         self.artifacts[key] = artifact

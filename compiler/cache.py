@@ -116,6 +116,17 @@ class CompileCache:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def marked(self, name: str) -> bool:
+        return (self.root / f"{name}.mark").is_file()
+
+    def set_mark(self, name: str, on: bool) -> None:
+        """Leave (or take away) a mark: an empty file, a hint that no code is loaded from."""
+        path = self.root / f"{name}.mark"
+        if on:
+            path.touch()
+        else:
+            path.unlink(missing_ok=True)
+
     def remove(self, key: str) -> None:
         for path in self._paths(key):
             path.unlink(missing_ok=True)

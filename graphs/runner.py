@@ -28,6 +28,15 @@ from .cuda_graph import CudaGraphs, StaticBuffers
 logger = logging.getLogger("kiln")
 
 
+def start_key(compilation: CompilationConfig, sizes: list[int], cache_salt: str) -> str:
+    """The name of the compile cache's mark that a start with these settings last ran every
+    piece without Inductor: the next one then need not import Inductor beside the model load
+    (a wrong guess costs time, never correctness)."""
+    return "direct-start-" + hashlib.sha256(
+        f"{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
+        f"{compilation.dynamic}|{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
+
+
 def _call_layer(layer, *args):
     """The compile boundary: one decoder (or encoder) layer. Layers of the same structure
     share its trace (their weights are graph inputs), so tracing cost does not grow with
@@ -51,28 +60,23 @@ class GraphRunner:
         self.cache = cache
         if uses_packed_weights(compilation.passes):
             pack_linear_weights(model)  # the pieces of several rows use the packed copies
-        inductor_ready(cache.root if cache is not None else None, device)
-        configure_dynamo(64)
+        self.start_key = start_key(compilation, sizes, cache_salt)
         # Where the op's CPU kernel is registered, Inductor's code calls it directly: a
         # one-token step then never enters Python inside a layer (see models/cpu_attention.py).
         dtype = next(model.parameters()).dtype
         split_at = tuple(op for op in SPLIT_OPS if not (
             op == "kiln.paged_attention" and attends_in_compiled_code(device, dtype)))
-        layers = model.attention_layers() if hasattr(model, "attention_layers") else []
-        for layer in layers:
-            keep_static(layer.kv_cache)
-        if layers and "kiln.paged_attention" not in split_at:
+        self.layers = model.attention_layers() if hasattr(model, "attention_layers") else []
+        if self.layers and "kiln.paged_attention" not in split_at:
             # The compiled layer then takes its KV cache whole: its shape is in every artifact.
-            cache_salt += f"|kv cache {tuple(layers[0].kv_cache.shape)}"
-        self.backend = KilnBackend(compilation, cache, sizes, cache_salt, split_at)
+            cache_salt += f"|kv cache {tuple(self.layers[0].kv_cache.shape)}"
+        self.backend = KilnBackend(compilation, cache, sizes, cache_salt, split_at,
+                                   inductor_ready=self._inductor_ready)
         self.record_key = hashlib.sha256(
             f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
             f"{compilation.dynamic}|{sorted(sizes)}|{split_at}|{TRACED_SOURCE}".encode()
         ).hexdigest()[:32]
-        # dynamic=True: one trace with symbolic sizes serves every token count; the pieces
-        # are compiled per size or per range of sizes (see KilnBackend).
-        self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
-                                          dynamic=True)
+        self.traced_layer = None  # made by `_inductor_ready`
         self.direct: dict[torch.nn.Module, object] = {}  # layer -> its DirectCall
         self.bound: dict[torch.nn.Module, Callable] = {}  # layer -> its DirectCall, bound
         self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
@@ -84,6 +88,21 @@ class GraphRunner:
                                              sink_block, block_size, device)
             self.cuda_graphs = CudaGraphs(self._compiled_forward, buffers)
 
+    def _inductor_ready(self) -> None:
+        """Inductor's and Dynamo's imports and kiln's settings for them, once: needed to
+        trace a layer and to compile or load an artifact through Inductor, not to run the
+        artifacts loaded directly (a warm start on CPU, compiler/inductor.py)."""
+        if self.traced_layer is not None:
+            return
+        inductor_ready(self.cache.root if self.cache is not None else None, self.device)
+        configure_dynamo(64)
+        for layer in self.layers:
+            keep_static(layer.kv_cache)
+        # dynamic=True: one trace with symbolic sizes serves every token count; the pieces
+        # are compiled per size or per range of sizes (see KilnBackend).
+        self.traced_layer = torch.compile(_call_layer, backend=self.backend, fullgraph=True,
+                                          dynamic=True)
+
     def compiled_layer(self, layer: torch.nn.Module, *args):
         """Run a layer's compiled pieces: through Dynamo the first time, then directly with
         the trace Dynamo chose for it, when its graph's output is the layer's output and its
@@ -94,6 +113,7 @@ class GraphRunner:
         if call is not None:
             out = call(args)
             return out[0] if len(out) == 1 else tuple(out)
+        self._inductor_ready()
         out = self.traced_layer(layer, *args)
         entry, inputs, outputs = self.backend.last_call
         returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
@@ -188,7 +208,10 @@ class GraphRunner:
             self.backend.counters.num_deferred += len(keys - self.backend.artifacts.keys())
         elif self.cache is not None and (record := describe(self.direct, self.model)):
             self.cache.save_record(self.record_key, record)
-        if self.device.type == "cpu" and self.cache is not None:
+        if self.cache is not None:
+            keys = {key for piece in self.backend.pieces for key in piece.info.keys.values()}
+            self.cache.set_mark(self.start_key, all(map(self.backend.is_direct, keys)))
+        if self.device.type == "cpu" and self.cache is not None and self.traced_layer is not None:
             remember_vec_isa(self.cache.root)
         if self.cuda_graphs is not None:
             with torch.inference_mode():

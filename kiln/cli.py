@@ -107,7 +107,8 @@ def _warmup(args, llm_class) -> int:
         print(f"  {size:>6} tokens  {seconds:6.1f} s")
     print(f"ready in {time.perf_counter() - start:.1f} s: {len(counters.seconds_by_size)} sizes, "
           f"{counters.num_compiles} pieces compiled, "
-          f"{counters.num_cache_loads + counters.num_deferred} found in the cache, "
+          f"{counters.num_direct_loads + counters.num_cache_loads + counters.num_deferred} "
+          f"found in the cache, "
           f"{counters.num_shared} reused between traces")
     print(f"cache: {backend.cache.root} ({backend.cache.size_bytes() / 2**20:.1f} MiB)")
     if args.no_start_check:

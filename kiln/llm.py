@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .compiler.cache import CompileCache
 from .compiler.config import CompilationConfig
-from .compiler.inductor import joined_on_error, start_inductor
+from .compiler.inductor import joined_on_error
 from .models import POOLING_ARCHITECTURES
 from .resolve import cache_dir, resolve_model
 from .runtime.beam_search import (
@@ -113,8 +113,8 @@ class LLM:
         compilation = CompilationConfig.from_user(compilation_config)
         compile_cache_dir = Path(compilation.cache_dir or cache_dir() / "compile")
         with joined_on_error():  # a failed start leaves no import running
-            if not enforce_eager:  # its imports run beside finding the model and its tokenizer
-                start_inductor(CompileCache(compile_cache_dir).root, device)  # refuses unsafe ones
+            if not enforce_eager:
+                CompileCache(compile_cache_dir)  # refuses an unsafe directory before any work
             folder = resolve_model(model, revision)
             arch_config = read_config(folder)
             is_encoder = arch_config.architectures[0] in POOLING_ARCHITECTURES

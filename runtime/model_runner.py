@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..compiler.cache import CompileCache
-from ..compiler.inductor import beside_inductor_start, start_inductor
-from ..graphs.runner import GraphRunner
+from ..compiler.inductor import beside_inductor_start, keep_builds_in, start_inductor
+from ..graphs.runner import GraphRunner, start_key
 from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
 from ..models.cpu_build import KERNEL_DTYPES
@@ -56,7 +56,13 @@ class ModelRunner:
         cache_dir = config.compile_cache_dir
         compile_cache = CompileCache(cache_dir) \
             if cache_dir is not None and not config.enforce_eager else None
-        if not config.enforce_eager:  # Inductor's imports and CPU check run beside the load
+        if compile_cache is not None:
+            keep_builds_in(compile_cache.root)
+        # Inductor's imports and CPU check run beside the load, unless the last start with
+        # these settings ran every compiled piece without Inductor (graphs/runner.py).
+        if not config.enforce_eager and not (compile_cache is not None and compile_cache.marked(
+                start_key(config.compilation, config.compile_sizes(),
+                          config.compile_cache_salt()))):
             start_inductor(compile_cache.root if compile_cache is not None else None,
                            self.device)
         with beside_inductor_start():

@@ -2,6 +2,7 @@
 scheduling path, no compiles after warm-up, shared artifacts, and a trustworthy cache."""
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -136,12 +137,72 @@ def test_warm_cache_loads_instead_of_compiling(tiny_llama, tmp_path, reference):
     # No Dynamo trace either: the layer and logits graphs were rebuilt from the cache's record.
     assert c.num_traces == 0 and c.num_traces_restored == 2
     # The traced sizes are loaded at warm-up; the others are verified and loaded on first use.
-    assert c.num_cache_loads + c.num_deferred == counters(cold).num_compiles
-    assert c.num_deferred > 0
-    loads = c.num_cache_loads
+    # On CPU each runs its generated code directly, without Inductor (test below).
+    assert c.num_direct_loads + c.num_deferred == counters(cold).num_compiles
+    assert c.num_deferred > 0 and c.num_cache_loads == 0
+    loads = c.num_direct_loads
     outs = warm.generate(token_prompts(prompts[:4]), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:4]
-    assert c.num_compiles == 0 and c.num_cache_loads > loads
+    assert c.num_compiles == 0 and c.num_direct_loads > loads and c.num_cache_loads == 0
+
+
+_WARM_START = """
+import json, sys
+from kiln import LLM, SamplingParams
+llm = LLM(sys.argv[1], skip_tokenizer_init=True, kv_cache_memory=16 << 20, max_num_seqs=32,
+          max_num_batched_tokens=32,
+          compilation_config={"sizes": [1, 2, 4, 8, 16, 32], "cache_dir": sys.argv[2]})
+prompts = [{"prompt_token_ids": p} for p in json.loads(sys.argv[3])]
+outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=int(sys.argv[4]),
+                                            ignore_eos=True), use_tqdm=False)
+c = llm.engine.runner.graph_runner.backend.counters
+print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs],
+                  "imported": sorted(m for m in ("torch._dynamo", "torch._inductor.compile_fx",
+                                                 "torch._inductor.codecache") if m in sys.modules),
+                  "direct": c.num_direct_loads, "loads": c.num_cache_loads,
+                  "compiles": c.num_compiles}))
+"""
+
+
+def _warm_start(folder, cache, prompts: list[list[int]]) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WARM_START, str(folder), str(cache),
+                           json.dumps(prompts), str(MAX_TOKENS)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_warm_start_runs_the_generated_code_without_inductor(tiny_llama, tmp_path, reference):
+    """A new process with a warm cache imports neither Dynamo nor Inductor's compiler: it runs
+    each artifact's generated code with its recorded kernel libraries, to the same tokens.
+    A description that no longer matches its library falls back to Inductor's loader."""
+    prompts, expected = reference
+    cache = tmp_path / "cache"
+    compiled_llm(tiny_llama[0], str(cache))
+    warm = _warm_start(tiny_llama[0], cache, prompts[:6])
+    assert warm["tokens"] == expected[:6]
+    assert warm["imported"] == [] and warm["direct"] > 0
+    assert warm["loads"] == 0 and warm["compiles"] == 0
+    # A library changed after its description was saved: that artifact loads through
+    # Inductor, and its description is made again.
+    form = next(p for p in cache.glob("*-direct.bin"))
+    library = next(iter(json.loads(form.read_text())["kernels"].values()))["library"]
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / library
+    original = path.read_bytes()
+    # Replaced, never written in place: this process has the library loaded.
+    path.with_suffix(".new").write_bytes(original + b"\0")
+    os.replace(path.with_suffix(".new"), path)
+    try:
+        changed = _warm_start(tiny_llama[0], cache, prompts[:6])
+    finally:
+        path.with_suffix(".new").write_bytes(original)
+        os.replace(path.with_suffix(".new"), path)
+    assert changed["tokens"] == expected[:6] and changed["compiles"] == 0
+    assert changed["loads"] > 0 and "torch._inductor.codecache" in changed["imported"]
 
 
 def test_corrupt_cache_entry_is_rebuilt_not_loaded(tiny_llama, tmp_path, reference):
@@ -149,7 +210,8 @@ def test_corrupt_cache_entry_is_rebuilt_not_loaded(tiny_llama, tmp_path, referen
     cache = tmp_path / "cache"
     first = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
     record = first.engine.runner.graph_runner.record_key
-    victim = sorted(p for p in cache.glob("*.bin") if p.stem != record)[0]
+    victim = sorted(p for p in cache.glob("*.bin")
+                    if p.stem != record and not p.stem.endswith("-direct"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
     llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
     # The record names an artifact that is gone, so kiln traces again and rebuilds it.
