@@ -369,14 +369,13 @@ def _keep_headers_in(builds: str) -> None:
 
 
 def configure_inductor(root: Path) -> None:
-    """Settings under the cache at `root`: precompiled kernel headers kept in its build
-    directory (`_keep_headers_in`); and, once a compile in this cache found that the vector
+    """Settings under the cache at `root`: once a compile in this cache found that the vector
     instruction set builds and loads, trust it instead of building and loading a probe
     library in a subprocess again on every start (this does not change kernel keys; the
-    user's TORCHINDUCTOR_VEC_ISA_OK wins)."""
+    user's TORCHINDUCTOR_VEC_ISA_OK wins). Where precompiled headers go is set by each
+    compile and load (`_keep_headers_in`), since `builds_in` may change the directory."""
     import torch._inductor.config as inductor_config
 
-    _keep_headers_in(_builds_dir())
     if _verdict_kept(root):
         inductor_config.cpp.vec_isa_ok = True
 

@@ -28,13 +28,18 @@ from .cuda_graph import CudaGraphs, StaticBuffers
 logger = logging.getLogger("kiln")
 
 
+def _settings(compilation: CompilationConfig, sizes: list[int], cache_salt: str) -> str:
+    """Everything besides the traced graphs that decides what a start traces and compiles."""
+    return (f"{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
+            f"{compilation.dynamic}|{sorted(sizes)}|{TRACED_SOURCE}")
+
+
 def start_key(compilation: CompilationConfig, sizes: list[int], cache_salt: str) -> str:
     """The name of the compile cache's mark that a start with these settings last ran every
     piece without Inductor: the next one then need not import Inductor beside the model load
     (a wrong guess costs time, never correctness)."""
     return "direct-start-" + hashlib.sha256(
-        f"{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
-        f"{compilation.dynamic}|{sorted(sizes)}|{TRACED_SOURCE}".encode()).hexdigest()[:32]
+        _settings(compilation, sizes, cache_salt).encode()).hexdigest()[:32]
 
 
 def _call_layer(layer, *args):
@@ -73,8 +78,7 @@ class GraphRunner:
         self.backend = KilnBackend(compilation, cache, sizes, cache_salt, split_at,
                                    inductor_ready=self._inductor_ready)
         self.record_key = hashlib.sha256(
-            f"record|{cache_salt}|{compilation.inductor_config()}|{compilation.passes}|"
-            f"{compilation.dynamic}|{sorted(sizes)}|{split_at}|{TRACED_SOURCE}".encode()
+            f"record|{_settings(compilation, sizes, cache_salt)}|{split_at}".encode()
         ).hexdigest()[:32]
         self.traced_layer = None  # made by `_inductor_ready`
         self.direct: dict[torch.nn.Module, object] = {}  # layer -> its DirectCall
