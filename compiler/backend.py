@@ -103,8 +103,9 @@ def _split_op(node: fx.Node, names: tuple[str, ...]):
 
 
 def direct_key(key: str) -> str:
-    """The cache key of an artifact's description for `load_direct`."""
-    return f"{key}-direct"
+    """The cache key of an artifact's description for `load_direct` (named apart from the
+    first format's `-direct`, whose libraries lived in Inductor's build directory)."""
+    return f"{key}-code"
 
 
 class UncompiledSizeError(RuntimeError):
@@ -467,7 +468,7 @@ class KilnBackend:
         if form is None:
             return None
         try:
-            artifact = load_direct(form)
+            artifact = load_direct(form, self.cache.library)
         except Exception as e:  # from the cache's data: never trusted beyond a fallback
             logger.warning("cannot run compile cache entry %s directly (%s); loading it "
                            "through Inductor", key, e)
@@ -504,7 +505,8 @@ class KilnBackend:
                     if self.cache is not None:
                         self.cache.save(key, artifact)
                 if self.cache is not None and (form := direct_form(
-                        artifact, len(piece.info.token_sized), piece.info.num_outputs)):
+                        artifact, len(piece.info.token_sized), piece.info.num_outputs,
+                        self.cache.keep_library)):
                     self.cache.save_record(direct_key(key), form)
         elapsed = time.perf_counter() - start
         self.counters.seconds_by_size[size] = self.counters.seconds_by_size.get(size, 0) + elapsed

@@ -116,6 +116,26 @@ class CompileCache:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def library(self, digest: str) -> Path:
+        """Where `keep_library` keeps the library with this SHA-256."""
+        return self.root / "kernels" / f"{digest}.so"
+
+    def keep_library(self, path: Path) -> str:
+        """Copy a kernel library that a description of an artifact names into the cache,
+        under its SHA-256 (returned). Inductor's build directory can change between
+        processes (the user's TORCHINDUCTOR_CACHE_DIR, a test run's temporary one); the
+        copy stays with the descriptions it serves, and `clear` removes both."""
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.library(digest)
+        if not target.is_file() or _digest(target) != digest:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        return digest
+
     def marked(self, name: str) -> bool:
         return (self.root / f"{name}.mark").is_file()
 

@@ -130,14 +130,15 @@ def _compiled_graph(artifact):
     return None
 
 
-def direct_form(artifact, num_inputs: int, num_outputs: int) -> dict | None:
+def direct_form(artifact, num_inputs: int, num_outputs: int,
+                keep: Callable[[Path], str]) -> dict | None:
     """What `load_direct` needs to call the artifact's generated Python itself, without
-    importing Inductor: its source and, for each of its CPU kernels, the built library
-    (path under the build directory, SHA-256). None unless calling the generated `call`
-    with the piece's `num_inputs` arguments is all the artifact's wrappers would do: every
-    kernel a C++ kernel of the Python wrapper, the piece's own `num_outputs` returned as
-    they are (no output rebuilt as a view of an input, no input mutation copied back, no
-    duplicate or misaligned input handled outside the code), no constants. What the
+    importing Inductor: its source and, for each of its CPU kernels, the SHA-256 of the
+    built library, which `keep` stores (returning that digest). None unless calling the
+    generated `call` with the piece's `num_inputs` arguments is all the artifact's wrappers
+    would do: every kernel a C++ kernel of the Python wrapper, the piece's own `num_outputs`
+    returned as they are (no output rebuilt as a view of an input, no input mutation copied
+    back, no duplicate or misaligned input handled outside the code), no constants. What the
     wrappers add then is bookkeeping for autograd and Dynamo, which kiln's inference-mode
     calls do not use."""
     graph = _compiled_graph(artifact)
@@ -152,17 +153,14 @@ def direct_form(artifact, num_inputs: int, num_outputs: int) -> dict | None:
     if args is None or len(args.group(1).split(", ")) != num_inputs or call is None or \
             set(uses) - {"cpp_pybinding", "wait"} or uses.count("cpp_pybinding") != len(found):
         return None
-    builds = Path(_builds_dir())
-    kernels = {}
+    libraries = {}
     for name, argtypes, code in found:
         library = getattr(getattr(call.__globals__.get(name), "__self__", None), "__file__", None)
-        if library is None or not Path(library).is_relative_to(builds):
+        if library is None:
             return None
-        library = Path(library)
-        kernels[_kernel_id(ast.literal_eval(argtypes), code)] = {
-            "library": str(library.relative_to(builds)),
-            "sha256": hashlib.sha256(library.read_bytes()).hexdigest()}
-    return {"source": source, "kernels": kernels}
+        libraries[_kernel_id(ast.literal_eval(argtypes), code)] = Path(library)
+    return {"source": source,
+            "kernels": {kernel: keep(library) for kernel, library in libraries.items()}}
 
 
 class _Lazy:
@@ -189,16 +187,18 @@ class _KernelLoader:
     """Stands in for Inductor's AsyncCompile: each kernel is the library `direct_form`
     recorded for its source, loaded as a Python extension as Inductor loads it."""
 
-    def __init__(self, kernels: dict, builds: Path):
+    def __init__(self, kernels: dict[str, str], library: Callable[[str], Path]):
         self.kernels = kernels
-        self.builds = builds
+        self.library = library
 
     def cpp_pybinding(self, argtypes: list[str], source: str):
-        entry = self.kernels[_kernel_id(argtypes, source)]
-        library = self.builds / entry["library"]
-        if hashlib.sha256(library.read_bytes()).hexdigest() != entry["sha256"]:
+        digest = self.kernels[_kernel_id(argtypes, source)]
+        library = self.library(digest)
+        if hashlib.sha256(library.read_bytes()).hexdigest() != digest:
             raise ValueError(f"kernel library {library} changed since it was recorded")
-        name = f"{library.name.split('.')[0]}.kernel"  # the module name Inductor gives it
+        # Inductor's extensions all name their module `kernel`; the package part only keeps
+        # them apart in sys.modules.
+        name = f"kiln_kernel_{digest[:32]}.kernel"
         module = sys.modules.get(name)
         if module is None:
             spec = importlib.util.spec_from_file_location(name, library)
@@ -211,18 +211,18 @@ class _KernelLoader:
         pass
 
 
-def load_direct(form: dict) -> Callable:
+def load_direct(form: dict, library: Callable[[str], Path]) -> Callable:
     """The piece `direct_form` described, as `fn(*args)`: its generated Python run with the
-    names it imports from Inductor and Dynamo standing in (kernels from their recorded
-    libraries, anything else imported on first use). Loading an artifact through Inductor
-    imports Inductor's compiler and Dynamo first: about 2.7 s of a warm start here, against
-    1.4 s for torch itself. Raises if a library is missing or changed."""
-    builds = Path(_builds_dir())
+    names it imports from Inductor and Dynamo standing in (each kernel from the library file
+    `library` gives for its digest, anything else imported on first use). Loading an
+    artifact through Inductor imports Inductor's compiler and Dynamo first: about 2.7 s of a
+    warm start here, against 1.4 s for torch itself. Raises if a library is missing or
+    changed."""
     # The address kernels built by Inductor read tensors' data through (set by Inductor
     # before it loads one).
     os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
         torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)
-    loader = _KernelLoader(form["kernels"], builds)
+    loader = _KernelLoader(form["kernels"], library)
 
     def stand_in(name, globals=None, locals=None, fromlist=(), level=0):
         if not fromlist or not name.startswith(("torch._inductor", "torch._dynamo")):

@@ -164,14 +164,14 @@ print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs],
 """
 
 
-def _warm_start(folder, cache, prompts: list[list[int]]) -> dict:
+def _warm_start(folder, cache, prompts: list[list[int]], env: dict | None = None) -> dict:
     import json
     import subprocess
     import sys
 
     done = subprocess.run([sys.executable, "-c", _WARM_START, str(folder), str(cache),
                            json.dumps(prompts), str(MAX_TOKENS)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -187,11 +187,16 @@ def test_warm_start_runs_the_generated_code_without_inductor(tiny_llama, tmp_pat
     assert warm["tokens"] == expected[:6]
     assert warm["imported"] == [] and warm["direct"] > 0
     assert warm["loads"] == 0 and warm["compiles"] == 0
+    # The libraries are kept in kiln's cache: another (here empty) Inductor build directory,
+    # as in a test run's temporary one, changes nothing.
+    elsewhere = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "other-builds")}
+    moved = _warm_start(tiny_llama[0], cache, prompts[:6], env=elsewhere)
+    assert moved == warm
     # A library changed after its description was saved: that artifact loads through
     # Inductor, and its description is made again.
-    form = next(p for p in cache.glob("*-direct.bin"))
-    library = next(iter(json.loads(form.read_text())["kernels"].values()))["library"]
-    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / library
+    form = next(p for p in cache.glob("*-code.bin"))
+    digest = next(iter(json.loads(form.read_text())["kernels"].values()))
+    path = cache / "kernels" / f"{digest}.so"
     original = path.read_bytes()
     # Replaced, never written in place: this process has the library loaded.
     path.with_suffix(".new").write_bytes(original + b"\0")
@@ -211,7 +216,7 @@ def test_corrupt_cache_entry_is_rebuilt_not_loaded(tiny_llama, tmp_path, referen
     first = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
     record = first.engine.runner.graph_runner.record_key
     victim = sorted(p for p in cache.glob("*.bin")
-                    if p.stem != record and not p.stem.endswith("-direct"))[0]
+                    if p.stem != record and not p.stem.endswith("-code"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
     llm = compiled_llm(tiny_llama[0], str(cache), compilation={"sizes": [1, 32]})
     # The record names an artifact that is gone, so kiln traces again and rebuilds it.
