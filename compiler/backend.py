@@ -34,6 +34,7 @@ from . import passes as passes_module
 from .cache import CompileCache
 from .config import CompilationConfig
 from .inductor import (
+    DirectArtifact,
     builds_in,
     c_shim_wrapper,
     compile_piece,
@@ -207,7 +208,12 @@ class Piece(torch.nn.Module):
         fn = self.compiled.get(size)
         if fn is None:
             fn = self.compiled[size] = self.backend.artifact_for(self, size, list(args))
-        out = fn(*args)
+        if self.backend.recorded is not None:  # see GraphRunner: one layer's call, recorded
+            out, replay = fn.record(list(args)) if isinstance(fn, DirectArtifact) else \
+                (fn(*args), None)
+            self.backend.recorded.append(replay)
+        else:
+            out = fn(*args)
         if info.returns_one and isinstance(out, (tuple, list)):
             return out[0]
         return out
@@ -299,19 +305,23 @@ class DirectCall:
         # L['layer']._modules['mlp']._parameters['weight'] or L['args'][0].
         self.read_inputs = eval(f"lambda L: ({', '.join(sources)},)")
 
-    def bind(self, layer: torch.nn.Module) -> Callable[[tuple], tuple]:
+    def bind(self, layer: torch.nn.Module, run: Callable | None = None,
+             order: list[int] | None = None) -> Callable[[tuple], tuple]:
         """The call for one layer, `call(args)`: what the trace reads from the layer (its
         weights, its KV cache, fixed once the runtime has bound the cache) is read now, once;
         only the call's arguments are read per call. Reading those attribute chains per layer
         and step cost 0.35-0.6 ms of a 36 ms batch-1 decode step of SmolLM2 here
-        (interleaved A/B, four runs, both orders)."""
-        names, scope = [], {"run": self.run}
+        (interleaved A/B, four runs, both orders). `run`: what takes the graph's inputs
+        instead of the split graph, or the inputs numbered `order`, in that order."""
+        names, scope = [], {"run": run or self.run}
         for i, source in enumerate(self.sources):
             if source.startswith("L['args']"):
                 names.append("args" + source[len("L['args']"):])
             else:
                 names.append(f"c{i}")
                 scope[f"c{i}"] = eval(f"lambda L: {source}")({"layer": layer})
+        if order is not None:
+            names = [names[i] for i in order]
         return eval(f"lambda args: run({', '.join(names)})", scope)
 
     def reproduces(self, layer, args: tuple, inputs: tuple) -> bool:
@@ -336,6 +346,7 @@ class KilnBackend:
         self.deferred: set[str] = set()  # keys verified in the cache, not loaded yet
         self.pieces: list[Piece] = []
         self.last_call: tuple | None = None  # (DirectCall or None, inputs, outputs)
+        self.recorded: list | None = None  # while recording: each piece call's Replay or None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         self.counters.num_traces += 1
@@ -508,6 +519,9 @@ class KilnBackend:
                         artifact, len(piece.info.token_sized), piece.info.num_outputs,
                         self.cache.keep_library)):
                     self.cache.save_record(direct_key(key), form)
+                    # Run as later starts will: the same code, and calls that can be
+                    # replayed (GraphRunner).
+                    artifact = load_direct(form, self.cache.library)
         elapsed = time.perf_counter() - start
         self.counters.seconds_by_size[size] = self.counters.seconds_by_size.get(size, 0) + elapsed
         self.artifacts[key] = artifact

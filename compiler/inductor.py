@@ -7,6 +7,7 @@ artifacts can be saved under kiln's own cache keys); torch offers that through
 import ast
 import builtins
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -211,13 +212,10 @@ class _KernelLoader:
         pass
 
 
-def load_direct(form: dict, library: Callable[[str], Path]) -> Callable:
-    """The piece `direct_form` described, as `fn(*args)`: its generated Python run with the
-    names it imports from Inductor and Dynamo standing in (each kernel from the library file
-    `library` gives for its digest, anything else imported on first use). Loading an
-    artifact through Inductor imports Inductor's compiler and Dynamo first: about 2.7 s of a
-    warm start here, against 1.4 s for torch itself. Raises if a library is missing or
-    changed."""
+def _direct_scope(form: dict, library: Callable[[str], Path], code) -> dict:
+    """The globals of the generated Python `code` run with the names it imports from
+    Inductor and Dynamo standing in (each kernel from the library file `library` gives for
+    its digest, anything else imported on first use)."""
     # The address kernels built by Inductor read tensors' data through (set by Inductor
     # before it loads one).
     os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
@@ -235,9 +233,161 @@ def load_direct(form: dict, library: Callable[[str], Path]) -> Callable:
 
     scope = {"__builtins__": {**builtins.__dict__, "__import__": stand_in},
              "__name__": "kiln_direct"}
-    exec(compile(form["source"], "<kiln direct piece>", "exec"), scope)
-    call = scope["call"]
-    return lambda *args: call(list(args))
+    exec(code, scope)
+    return scope
+
+
+class Replay:
+    """One recorded call of a piece's generated code, made again without running that code:
+    the same kernels and ops, in order, on the same tensors. An argument that is not the
+    recorded one is copied into it first (a layer's input made anew each step); an op's
+    result is copied into the tensor it returned when recorded, which the steps after it
+    read. A batch-1 decode step of SmolLM2 spent about 65 us a layer in the generated Python
+    here (allocations, layout checks, argument handling) around 0.5 ms of kernels."""
+
+    def __init__(self, artifact: "DirectArtifact", inputs: tuple, steps: list,
+                 outputs: tuple):
+        self.artifact = artifact  # for a call with another value than a tensor's
+        self.inputs = inputs
+        self.steps = steps  # (kernel or op, args, kwargs, the op's result or None)
+        self.outputs = outputs
+
+    def __call__(self, *args) -> tuple:
+        for given, kept in zip(args, self.inputs, strict=True):
+            if given is kept:
+                continue
+            if not isinstance(kept, torch.Tensor):
+                if given != kept:
+                    return tuple(self.artifact(*args))
+            elif given.data_ptr() != kept.data_ptr() or given.shape != kept.shape or \
+                    given.stride() != kept.stride():
+                kept.copy_(given)
+        for fn, fn_args, kwargs, result in self.steps:
+            out = fn(*fn_args, **kwargs)
+            if result is not None:
+                result.copy_(out)
+        return self.outputs
+
+
+# What the generated `call` may do for a recorded call of it to stand for every later one:
+# allocate, view and check tensors, and call kernels and torch ops; nothing else.
+_RECORDED_HELPERS = {"empty_strided_cpu", "reinterpret_tensor", "assert_size_stride",
+                     "assert_alignment"}
+
+
+def _replayable(call: ast.FunctionDef, kernels: set[str]) -> bool:
+    def argument(value) -> bool:  # a name, a constant (or tuple of them), a dtype, a call
+        if isinstance(value, (ast.Tuple, ast.List)):
+            return all(map(argument, value.elts))
+        if isinstance(value, ast.Attribute):
+            return ast.unparse(value).startswith("torch.")
+        return isinstance(value, (ast.Name, ast.Constant)) or allowed(value)
+
+    def allowed(value) -> bool:
+        if isinstance(value, (ast.Name, ast.Tuple)):  # unpacking or renaming
+            return all(isinstance(e, ast.Name) for e in getattr(value, "elts", [value]))
+        if not isinstance(value, ast.Call):
+            return False
+        func = ast.unparse(value.func)
+        return (func in kernels or func in _RECORDED_HELPERS or func == "args.clear" or
+                func.startswith("torch.ops.")) and all(map(argument, value.args)) and \
+            all(isinstance(k.value, ast.Constant) for k in value.keywords)
+
+    for stmt in call.body:
+        if isinstance(stmt, ast.Delete):
+            continue
+        if isinstance(stmt, (ast.Assign, ast.Expr, ast.Return)) and stmt.value is not None \
+                and allowed(stmt.value):
+            continue
+        return False
+    return True
+
+
+class _OpsToRecorder(ast.NodeTransformer):
+    """torch.ops.<namespace>... -> _kiln_ops.<namespace>..."""
+
+    def visit_Attribute(self, node: ast.Attribute):
+        if ast.unparse(node) == "torch.ops":
+            return ast.copy_location(ast.Name("_kiln_ops", ast.Load()), node)
+        return self.generic_visit(node)
+
+
+class _OpRecorder:
+    """Stands in for torch.ops while a call is recorded: runs the op, and records it."""
+
+    def __init__(self, steps: list, path: tuple = ()):
+        self._steps = steps
+        self._path = path
+
+    def __getattr__(self, name: str):
+        return _OpRecorder(self._steps, (*self._path, name))
+
+    def __call__(self, *args, **kwargs):
+        op = torch.ops
+        for name in self._path:
+            op = getattr(op, name)
+        result = op(*args, **kwargs)
+        if result is not None and not isinstance(result, torch.Tensor):
+            self._steps.append(None)  # a result a replay could not give again
+        self._steps.append((op, args, kwargs, result))
+        return result
+
+
+class DirectArtifact:
+    """The piece `direct_form` described, callable as `fn(*args)`: its generated Python run
+    with the names it imports from Inductor and Dynamo standing in. Loading an artifact
+    through Inductor imports Inductor's compiler and Dynamo first: about 2.7 s of a warm
+    start here, against 1.4 s for torch itself. Raises if a library is missing or
+    changed."""
+
+    def __init__(self, form: dict, library: Callable[[str], Path]):
+        self.form = form
+        self.library = library
+        self.call = _direct_scope(form, library,
+                                  compile(form["source"], "<kiln direct piece>", "exec"))["call"]
+        self._recording = None  # (its scope, the kernels' names), made on first use
+
+    def __call__(self, *args):
+        return self.call(list(args))
+
+    def record(self, args: list) -> tuple[tuple, Replay | None]:
+        """Call the piece on `args` -> its outputs and, where its generated code only does
+        what a `Replay` repeats, a replay of this call (else None)."""
+        if self._recording is None:
+            tree = ast.parse(self.form["source"])
+            kernels = {name for name, _, _ in _KERNEL.findall(self.form["source"])}
+            call = next((node for node in ast.walk(tree)
+                         if isinstance(node, ast.FunctionDef) and node.name == "call"), None)
+            if call is None or not _replayable(call, kernels):
+                self._recording = (None, kernels)
+            else:
+                _OpsToRecorder().visit(call)
+                code = compile(ast.fix_missing_locations(tree), "<kiln recorded piece>", "exec")
+                self._recording = (_direct_scope(self.form, self.library, code), kernels)
+        scope, kernels = self._recording
+        if scope is None:
+            return tuple(self(*args)), None
+        steps: list = []
+        scope["_kiln_ops"] = _OpRecorder(steps)
+        for name in kernels:
+            kernel = scope.get(f"_kiln_kernel_{name}") or scope[name]
+            scope[f"_kiln_kernel_{name}"] = kernel
+            scope[name] = functools.partial(_record_kernel, steps, kernel)
+        inputs = tuple(args)
+        outputs = tuple(scope["call"](list(args)))
+        if None in steps:
+            return outputs, None
+        return outputs, Replay(self, inputs, steps, outputs)
+
+
+def _record_kernel(steps: list, kernel, *args):
+    steps.append((kernel, args, {}, None))
+    return kernel(*args)
+
+
+def load_direct(form: dict, library: Callable[[str], Path]) -> DirectArtifact:
+    """The piece `direct_form` described (see `DirectArtifact`)."""
+    return DirectArtifact(form, library)
 
 
 def configure_dynamo(limit: int) -> None:

@@ -210,6 +210,47 @@ def test_warm_start_runs_the_generated_code_without_inductor(tiny_llama, tmp_pat
     assert changed["loads"] > 0 and "torch._inductor.codecache" in changed["imported"]
 
 
+def test_one_token_steps_replay_each_layers_recorded_call(tiny_llama, tmp_path, reference):
+    """Batch-1 decode steps on CPU record each layer's call of its generated code once and
+    then replay its kernels and ops on the same tensors, to transformers' tokens (the first
+    layer's input, made anew each step, is copied in)."""
+    prompts, expected = reference
+    llm = compiled_llm(tiny_llama[0], str(tmp_path / "cache"))
+    runner = llm.engine.runner.graph_runner
+    for prompt, tokens in zip(prompts[:3], expected[:3]):  # one at a time: batch-1 decode
+        out = llm.generate(token_prompts([prompt]), GREEDY, use_tqdm=False)
+        assert out[0].outputs[0].token_ids == tokens
+    num_layers = len(llm.engine.runner.model.model.layers)
+    assert len(runner.replays) == num_layers and None not in runner.replays.values()
+    # Batches decode as compiled, beside the replays.
+    outs = llm.generate(token_prompts(prompts[:6]), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected[:6]
+
+
+def test_only_allocations_kernels_and_ops_are_replayed():
+    """A recorded call stands for later ones only where the generated code does nothing a
+    replay would not repeat."""
+    import ast
+    import textwrap
+
+    from kiln.compiler.inductor import _replayable
+
+    body = ("a, b = args\nargs.clear()\nassert_size_stride(a, (1, 4), (4, 1), 'input')\n"
+            "buf0 = empty_strided_cpu((1, 4), (4, 1), torch.float32)\nk(a, buf0)\n"
+            "buf1 = torch.ops.kiln.paged_attention.default(buf0, "
+            "reinterpret_tensor(b, (1, 4), (4, 1), 0), 0.5, 0)\nbuf2 = buf1\ndel a\n"
+            "return (buf2, )")
+
+    def replayable(code: str) -> bool:
+        fn = ast.parse("def call(args):\n" + textwrap.indent(code, "    ")).body[0]
+        return _replayable(fn, {"k"})
+
+    assert replayable(body)
+    for other in ("buf0.zero_()", "c = a + b", "for i in range(2):\n    k(a, b)",
+                  "aten.mm(a, b)", "k(a, out=b)", "f(a)", "buf3 = a.size(0)"):
+        assert not replayable(body.replace("del a", other)), other
+
+
 def test_corrupt_cache_entry_is_rebuilt_not_loaded(tiny_llama, tmp_path, reference):
     prompts, expected = reference
     cache = tmp_path / "cache"
