@@ -119,11 +119,12 @@ class GraphRunner:
         if call is None and layer in self.direct:
             call = self.bound[layer] = self.direct[layer].bind(layer)
         if call is not None:
-            if self.one_token:
-                replay = self.replays.get(layer, call)
-                out = self._record(layer, args) if replay is call else (replay or call)(args)
-            else:
+            if not self.one_token:
                 out = call(args)
+            elif layer not in self.replays:
+                out = self._record(layer, args)
+            else:
+                out = (self.replays[layer] or call)(args)
             return out[0] if len(out) == 1 else tuple(out)
         self._inductor_ready()
         out = self.traced_layer(layer, *args)
@@ -139,7 +140,8 @@ class GraphRunner:
         """Run a layer's one-token call, recording it. Where the layer's split graph is one
         piece that takes some of the graph's inputs and returns the graph's outputs as they
         are, and that piece's call can be replayed, later one-token steps replay it: the
-        batch-1 decode steps, with about 2 ms of Python fewer per SmolLM2 step here."""
+        batch-1 decode steps: 23.96 against 25.34 ms per SmolLM2 step here (six alternating
+        rounds in one process, same tokens)."""
         inputs = self.direct[layer].bind(layer, lambda *inputs: inputs)(args)
         self.backend.recorded = recorded = []
         try:
