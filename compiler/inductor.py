@@ -87,8 +87,7 @@ def load_artifact(path: Path):
 
 
 def _builds_dir() -> str:
-    """The directory Inductor builds kernels in now (`builds_in` may change it), found
-    without importing Inductor where kiln or the user chose it."""
+    """The directory Inductor builds kernels in now (`builds_in` may change it)."""
     builds = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if builds is None:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -345,7 +344,7 @@ class DirectArtifact:
         self.library = library
         self.call = _direct_scope(form, library,
                                   compile(form["source"], "<kiln direct piece>", "exec"))["call"]
-        self._recording = None  # (its scope, the kernels' names), made on first use
+        self._recording = None  # (its scope, kernel name -> kernel), made on first use
 
     def __call__(self, *args):
         return self.call(list(args))
@@ -359,19 +358,18 @@ class DirectArtifact:
             call = next((node for node in ast.walk(tree)
                          if isinstance(node, ast.FunctionDef) and node.name == "call"), None)
             if call is None or not _replayable(call, kernels):
-                self._recording = (None, kernels)
+                self._recording = (None, {})
             else:
                 _OpsToRecorder().visit(call)
                 code = compile(ast.fix_missing_locations(tree), "<kiln recorded piece>", "exec")
-                self._recording = (_direct_scope(self.form, self.library, code), kernels)
+                scope = _direct_scope(self.form, self.library, code)
+                self._recording = (scope, {name: scope[name] for name in kernels})
         scope, kernels = self._recording
         if scope is None:
             return tuple(self(*args)), None
         steps: list = []
         scope["_kiln_ops"] = _OpRecorder(steps)
-        for name in kernels:
-            kernel = scope.get(f"_kiln_kernel_{name}") or scope[name]
-            scope[f"_kiln_kernel_{name}"] = kernel
+        for name, kernel in kernels.items():
             scope[name] = functools.partial(_record_kernel, steps, kernel)
         inputs = tuple(args)
         outputs = tuple(scope["call"](list(args)))

@@ -186,15 +186,14 @@ class GraphRunner:
                 buffer[num_tokens:size] = 0
         # One-token steps on CPU replay their layers' recorded calls, which write the same
         # tensors every step: what the model returns is copied out of them.
-        self.one_token = size == 1 and self.device.type == "cpu"
+        one_token = self.one_token = size == 1 and self.device.type == "cpu"
         try:
             with attention_context(meta):
                 hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size],
                                                 **extra)
         finally:
             self.one_token = False
-        return hidden[:num_tokens].clone() if size == 1 and self.device.type == "cpu" else \
-            hidden[:num_tokens]
+        return hidden[:num_tokens].clone() if one_token else hidden[:num_tokens]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the rows that sample. One row (batch-1 decode) runs the compiled
@@ -246,13 +245,12 @@ class GraphRunner:
                 self.backend.prepare(size)
             bar.set_postfix_str(f"{size} tokens: {time.perf_counter() - start:.1f} s")
         self.steps.clear()  # count serving steps only
+        keys = {key for piece in self.backend.pieces for key in piece.info.keys.values()}
         if restored:  # every artifact was verified; those not yet loaded wait for first use
-            keys = {key for piece in self.backend.pieces for key in piece.info.keys.values()}
             self.backend.counters.num_deferred += len(keys - self.backend.artifacts.keys())
         elif self.cache is not None and (record := describe(self.direct, self.model)):
             self.cache.save_record(self.record_key, record)
         if self.cache is not None:
-            keys = {key for piece in self.backend.pieces for key in piece.info.keys.values()}
             self.cache.set_mark(self.start_key, all(map(self.backend.is_direct, keys)))
         if self.device.type == "cpu" and self.cache is not None and self.traced_layer is not None:
             remember_vec_isa(self.cache.root)
