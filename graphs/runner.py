@@ -16,7 +16,13 @@ from tqdm.auto import tqdm
 from ..compiler.backend import KilnBackend, uses_packed_weights
 from ..compiler.cache import CompileCache
 from ..compiler.config import CompilationConfig
-from ..compiler.inductor import configure_dynamo, inductor_ready, keep_static, remember_vec_isa
+from ..compiler.inductor import (
+    configure_dynamo,
+    inductor_ready,
+    keep_static,
+    remember_vec_isa,
+    start_kernel_header,
+)
 from ..compiler.record import TRACED_SOURCE, describe, restore
 from ..models import AttentionMetadata, attention_context
 from ..models.attention import SPLIT_OPS
@@ -231,6 +237,8 @@ class GraphRunner:
         if self.backend is None:
             return
         restored = self._restore()
+        if not restored:  # the trace below may compile
+            start_kernel_header(self.device)
         traced = self.sizes[:1]
         bar = tqdm(self.sizes, desc="Compiling sizes", unit="size", dynamic_ncols=True)
         for size in bar:

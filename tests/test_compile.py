@@ -20,6 +20,7 @@ from conftest import (
 
 from kiln import LLM, SamplingParams
 from kiln.compiler.cache import CompileCache, UnsafeCacheDirError
+from kiln.compiler.inductor import _HEADER_PROBE
 from kiln.models import attention_context
 
 SIZES = [1, 2, 4, 8, 16, 32]
@@ -470,10 +471,14 @@ def test_each_cache_keeps_its_own_kernel_builds(tiny_llama, tmp_path):
                             text=True, env=_without_build_dirs(), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
 
-    def builds(root):
-        return sorted(p.name for p in (root / "inductor").rglob("*.main.so"))  # kernels
+    def builds(root):  # kernels, but the probe that precompiles their header, once a process
+        return sorted(p.name for p in (root / "inductor").rglob("*.main.so")
+                      if _HEADER_PROBE not in p.with_suffix(".cpp").read_text())
 
     assert builds(tmp_path / "b") and builds(tmp_path / "b") == builds(tmp_path / "a")
+    # The first compile's header was precompiled beside it (`start_kernel_header`).
+    assert [p.read_text().count(_HEADER_PROBE)
+            for p in (tmp_path / "a" / "inductor").rglob("*.main.cpp")].count(1) == 1
 
 
 def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
