@@ -3,10 +3,10 @@ one tensor at a time into a model built without initialisation."""
 
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import model_class
@@ -93,71 +93,6 @@ def _checkpoint_name(model: nn.Module, name: str, shard) -> str:
     return name
 
 
-# safetensors' dtype names (its format's specification) -> torch's.
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-def _header(f, size: int) -> tuple[list, int]:
-    """The tensors a safetensors file holds, as (data start, name, dtype, shape, bytes)
-    sorted by where they lie, and where its data begins; OSError for anything the format
-    does not allow."""
-    head = f.read(8)
-    if len(head) < 8:
-        raise OSError("shorter than a safetensors header")
-    length = int.from_bytes(head, "little")
-    if length > size - 8:
-        raise OSError(f"its header claims {length} bytes, more than the file holds")
-    try:
-        header = json.loads(f.read(length))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise OSError(f"its header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise OSError("its header is not a JSON object")
-    data_start, data_len = 8 + length, size - 8 - length
-    tensors = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise OSError(f"tensor {name}: its header entry is malformed: {entry}") from None
-        nbytes = dtype.itemsize * torch.Size(shape).numel() if min(shape, default=0) >= 0 else -1
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise OSError(f"tensor {name}: bytes [{begin}, {end}) do not hold shape "
-                          f"{shape} of {entry['dtype']} within the file's {data_len}")
-        tensors.append((begin, name, dtype, shape, nbytes))
-    return sorted(tensors), data_start
-
-
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of a safetensors file, in the order they lie in it, read into one reused
-    buffer: a tensor is valid until the next one is asked for.
-
-    read() into a buffer already faulted in, rather than copying out of safetensors' memory
-    map, whose first touch of each page of the file faults: loading SmolLM2's 538 MB took
-    0.71 s of a 3 s warm start that way, 0.38-0.44 s this way (the reads 0.14-0.17 s of
-    it; the Zen 3 EPYC here)."""
-    with path.open("rb", buffering=0) as f:
-        tensors, data_start = _header(f, path.stat().st_size)
-        buffer = torch.empty(max((t[4] for t in tensors), default=0), dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
-        for begin, name, dtype, shape, nbytes in tensors:
-            f.seek(data_start + begin)
-            done = 0
-            while done < nbytes:
-                got = f.readinto(view[done:nbytes])
-                if not got:
-                    raise OSError(f"tensor {name}: the file ends inside its data")
-                done += got
-            yield name, buffer[:nbytes].view(dtype).view(shape)
-
-
 def load_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy every checkpoint tensor into its parameter. Missing, unexpected and misshapen
     tensors are errors that name them; corrupt files are errors that name the file."""
@@ -168,20 +103,21 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     skipped = ("rotary_emb.inv_freq", *getattr(model, "skipped_tensors", ()))
     for path in weight_files(folder):
         try:
-            for name, tensor in read_tensors(path):
-                if name.endswith(skipped) or (tied and name == "lm_head.weight"):
-                    continue
-                target, shard = _target(model, name)
-                if target not in params:
-                    unexpected.append(name)
-                    continue
-                param = params[target]
-                try:
-                    param.weight_loader(param, tensor, shard)
-                except ValueError as e:
-                    raise ValueError(f"{path.name}: tensor {name}: {e}") from None
-                loaded.add((target, shard))
-        except OSError as e:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith(skipped) or (tied and name == "lm_head.weight"):
+                        continue
+                    target, shard = _target(model, name)
+                    if target not in params:
+                        unexpected.append(name)
+                        continue
+                    param = params[target]
+                    try:
+                        param.weight_loader(param, f.get_tensor(name), shard)
+                    except ValueError as e:
+                        raise ValueError(f"{path.name}: tensor {name}: {e}") from None
+                    loaded.add((target, shard))
+        except (SafetensorError, OSError, RuntimeError) as e:
             raise OSError(f"cannot read weights file {path}: {e}") from e
     if unexpected:
         raise ValueError(f"checkpoint in {folder} has tensors kiln's "

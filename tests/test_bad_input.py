@@ -226,27 +226,6 @@ def test_sharded_checkpoint_loads_and_missing_shard_is_named(tiny_llama, tmp_pat
         tiny_llm(tmp_path / "sharded")
 
 
-def test_weights_reader_matches_safetensors(tmp_path):
-    """kiln reads safetensors files itself (models/loader.py): every dtype, an empty
-    tensor and a scalar come back as safetensors' own reader gives them."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from kiln.models.loader import read_tensors
-
-    torch.manual_seed(0)
-    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(),
-               "f16": torch.randn(2, 2).half(), "i64": torch.arange(-4, 4),
-               "u8": torch.arange(9, dtype=torch.uint8), "bool": torch.tensor([True, False]),
-               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
-    save_file(tensors, str(tmp_path / "w.safetensors"))
-    reference = load_file(str(tmp_path / "w.safetensors"))
-    read = {name: t.clone() for name, t in read_tensors(tmp_path / "w.safetensors")}
-    assert read.keys() == reference.keys()
-    for name, t in reference.items():
-        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
-
-
 def test_weights_header_pointing_past_the_data_is_named(tiny_llama, tmp_path):
     folder = copy_model(tiny_llama[0], tmp_path / "m")
     weights = folder / "model.safetensors"
@@ -258,5 +237,5 @@ def test_weights_header_pointing_past_the_data_is_named(tiny_llama, tmp_path):
     header[name]["data_offsets"] = [begin + len(raw), end + len(raw)]
     text = json.dumps(header).encode()
     weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length:])
-    with pytest.raises(OSError, match=f"model.safetensors: tensor {name}: bytes"):
+    with pytest.raises(OSError, match="cannot read weights file .*model.safetensors"):
         LLM(str(folder), skip_tokenizer_init=True)
