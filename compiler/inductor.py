@@ -28,8 +28,7 @@ def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict,
     """Compile one graph piece with Inductor, with Inductor config `options`
     (standalone_compile's `options` are compile_fx's arguments): for the exact shapes of
     `example_inputs`, or, `dynamic`, for the symbolic sizes Dynamo traced the graph with."""
-    _wait_for_inductor_start()
-    _keep_headers_in(_builds_dir())
+    _before_building()
     return torch._inductor.standalone_compile(
         gm, example_inputs, dynamic_shapes="from_graph" if dynamic else "from_example_inputs",
         options={"config_patches": dict(options)})
@@ -81,9 +80,15 @@ def save_artifact(artifact, path: Path) -> None:
 
 
 def load_artifact(path: Path):
+    _before_building()
+    return torch._inductor.CompiledArtifact.load(path=str(path), format="binary")
+
+
+def _before_building() -> None:
+    """Wait for the start thread's check of the vector instruction sets, and point the
+    precompiled kernel header at the builds directory in use now."""
     _wait_for_inductor_start()
     _keep_headers_in(_builds_dir())
-    return torch._inductor.CompiledArtifact.load(path=str(path), format="binary")
 
 
 def _builds_dir() -> str:
@@ -638,11 +643,10 @@ def start_kernel_header(device: torch.device) -> None:
 
 
 def _build_kernel_header() -> None:
-    _wait_for_inductor_start()
     try:
+        _before_building()  # first: its wait keeps this thread out of the start's imports
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        _keep_headers_in(_builds_dir())
         CppPythonBindingsCodeCache.load_pybinding(["float*"], _HEADER_PROBE)
     except Exception:  # the compile that needs the header builds it again and reports it
         return

@@ -155,14 +155,14 @@ class GraphRunner:
         finally:
             self.backend.recorded = None
         returned = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        self.replays[layer] = None
         replay = recorded[0] if len(recorded) == 1 else None
-        order = [next((i for i, b in enumerate(inputs) if b is a), None)
-                 for a in replay.inputs] if replay is not None else [None]
-        if None not in order and len(replay.outputs) == len(returned) and all(
+        if replay is not None and len(replay.outputs) == len(returned) and all(
                 a is b for a, b in zip(replay.outputs, returned)):
-            self.replays[layer] = self.direct[layer].bind(layer, replay, order)
-        else:
-            self.replays[layer] = None
+            order = [next((i for i, b in enumerate(inputs) if b is a), None)
+                     for a in replay.inputs]
+            if None not in order:
+                self.replays[layer] = self.direct[layer].bind(layer, replay, order)
         return returned
 
     def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **extra):

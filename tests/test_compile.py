@@ -477,8 +477,8 @@ def test_each_cache_keeps_its_own_kernel_builds(tiny_llama, tmp_path):
 
     assert builds(tmp_path / "b") and builds(tmp_path / "b") == builds(tmp_path / "a")
     # The first compile's header was precompiled beside it (`start_kernel_header`).
-    assert [p.read_text().count(_HEADER_PROBE)
-            for p in (tmp_path / "a" / "inductor").rglob("*.main.cpp")].count(1) == 1
+    assert sum(_HEADER_PROBE in p.read_text()
+               for p in (tmp_path / "a" / "inductor").rglob("*.main.cpp")) == 1
 
 
 def test_kernel_builds_are_kept_in_the_kiln_cache(tiny_llama, tmp_path):
