@@ -550,6 +550,7 @@ def remember_vec_isa(root: Path) -> None:
 
 _inductor_start: list[threading.Thread] = []
 _inductor_imported = threading.Event()
+_vec_isa_picked = threading.Event()  # or the start thread ended without picking one
 
 
 def _widest_listed_vec_isa():
@@ -580,6 +581,11 @@ def _check_vec_isa(trusted: bool | None) -> None:
     27.5 s against 31.1 / 30.2, the first compile waiting 1.9-2.2 s for the check instead
     of 5.4.
 
+    The list is picked trusting the widest before its probe runs, so that the kernel
+    header (`start_kernel_header`) builds beside the probe instead of after it; should the
+    probe fail, the list is picked again by Inductor's full check, before any compile or
+    load (they wait for this thread), and that header was built for nothing.
+
     `trusted`: True where a kept verdict (or the user) already trusts the sets. Inductor
     still builds and loads probes for the sets' extensions then (AVX-512 bfloat16 and VNNI:
     three child processes, 0.15 s of a warm start here), which this thread runs beside the
@@ -587,10 +593,13 @@ def _check_vec_isa(trusted: bool | None) -> None:
     import torch._inductor.config as inductor_config
     from torch._inductor import cpu_vec_isa
 
-    if not trusted:
-        widest = _widest_listed_vec_isa()
-        trusted = widest is not None and bool(widest)  # its truth value is its probe
-    with inductor_config.patch({"cpp.vec_isa_ok": True if trusted else None}):
+    widest = None if trusted else _widest_listed_vec_isa()
+    trust = trusted or widest is not None  # not `widest`: its truth value is its probe
+    with inductor_config.patch({"cpp.vec_isa_ok": True if trust else None}):
+        cpu_vec_isa.pick_vec_isa()  # the list is cached for the process from here
+    _vec_isa_picked.set()
+    if widest is not None and not bool(widest):
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()  # Inductor's own full check, then
         cpu_vec_isa.pick_vec_isa()
 
 
@@ -644,7 +653,10 @@ def start_kernel_header(device: torch.device) -> None:
 
 def _build_kernel_header() -> None:
     try:
-        _before_building()  # first: its wait keeps this thread out of the start's imports
+        # First: this wait keeps the thread out of the start's imports, and the header's
+        # flags come from the picked vector instruction set.
+        _vec_isa_picked.wait()
+        _keep_headers_in(_builds_dir())
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
         CppPythonBindingsCodeCache.load_pybinding(["float*"], _HEADER_PROBE)
@@ -696,14 +708,24 @@ def defer_kernel_templates() -> None:
 
 
 def _prepare_inductor(kept: bool, check_vec_isa: bool) -> None:
+    try:
+        if _import_inductor():
+            import torch._inductor.config as inductor_config
+
+            trusted = True if kept else inductor_config.cpp.vec_isa_ok
+            if check_vec_isa and trusted is not False:
+                _check_vec_isa(trusted)
+    finally:
+        _vec_isa_picked.set()
+
+
+def _import_inductor() -> bool:
     # The import holds the GIL; the weight load beside it takes it back after every tensor
     # copy, waiting a whole switch interval (5 ms) each time unless it is shorter: SmolLM2's
     # bfloat16 load took 0.5 s instead of 0.26 beside the import.
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     try:
-        import torch._inductor.config as inductor_config
-
         defer_kernel_templates()  # before anything defines them (compile_fx's imports)
         from torch._inductor.codecache import torch_key
 
@@ -718,13 +740,11 @@ def _prepare_inductor(kept: bool, check_vec_isa: bool) -> None:
         importlib.import_module("torch._inductor.compile_fx")
         importlib.import_module("torch.utils.cpp_extension")
     except Exception:  # the main thread's own import raises it where it can be handled
-        return
+        return False
     finally:
         sys.setswitchinterval(interval)
         _inductor_imported.set()
-    trusted = True if kept else inductor_config.cpp.vec_isa_ok
-    if check_vec_isa and trusted is not False:
-        _check_vec_isa(trusted)
+    return True
 
 
 @contextlib.contextmanager

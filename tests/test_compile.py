@@ -556,10 +556,11 @@ def test_the_vector_isa_verdict_is_kept_only_for_the_widest_set(tmp_path, monkey
 
 def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passes(
         monkeypatch):
-    """Inductor picks the widest set that passes its probe, so once the widest the CPU
-    lists passes, its list is computed trusting the narrower ones (no probes); if the
-    widest fails, its whole check runs. A warm start's kept verdict is trusted without
-    probing the widest. The trust does not outlive the check."""
+    """Inductor picks the widest set that passes its probe, so its list is computed
+    trusting the sets before the widest the CPU lists is probed (the kernel header builds
+    from that pick meanwhile); if the widest fails, the cached list is dropped and the
+    whole check runs. A warm start's kept verdict is trusted without probing the widest.
+    The trust does not outlive the check."""
     import torch._inductor.config as inductor_config
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
 
@@ -568,6 +569,8 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
     trusted_when_picked = []
     monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa",
                         lambda: trusted_when_picked.append(inductor_config.cpp.vec_isa_ok))
+    monkeypatch.setattr(cpu_vec_isa.valid_vec_isa_list, "cache_clear",
+                        lambda: trusted_when_picked.append("cleared"))
     with inductor_config.patch({"cpp.vec_isa_ok": None}):
         for passes in (False, True):
             monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda p=passes: p)
@@ -576,7 +579,7 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
         monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda: pytest.fail("probed"))
         inductor._check_vec_isa(True)
         assert inductor_config.cpp.vec_isa_ok is None
-    assert trusted_when_picked == [None, True, True]
+    assert trusted_when_picked == [True, "cleared", None, True, True]
 
 
 @pytest.mark.parametrize("capability,dtype,row_kernel,weight_times_input", [
