@@ -28,7 +28,7 @@ from torch import fx
 from torch.fx.passes.split_module import split_module
 
 from ..models.attention import SPLIT_OPS
-from ..models.cpu_attention import attention_c_shims
+from ..models.cpu_attention import attention_c_shims, bind_recorded
 from ..models.cpu_linear import linear_c_shims
 from . import passes as passes_module
 from .cache import CompileCache
@@ -209,8 +209,10 @@ class Piece(torch.nn.Module):
         if fn is None:
             fn = self.compiled[size] = self.backend.artifact_for(self, size, list(args))
         if self.backend.recorded is not None:  # see GraphRunner: one layer's call, recorded
-            out, replay = fn.record(list(args)) if isinstance(fn, DirectArtifact) else \
-                (fn(*args), None)
+            if isinstance(fn, DirectArtifact):
+                out, replay = fn.record(list(args), bind_recorded)
+            else:
+                out, replay = fn(*args), None
             self.backend.recorded.append(replay)
         else:
             out = fn(*args)

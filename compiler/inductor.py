@@ -317,14 +317,16 @@ class _OpsToRecorder(ast.NodeTransformer):
 
 
 class _OpRecorder:
-    """Stands in for torch.ops while a call is recorded: runs the op, and records it."""
+    """Stands in for torch.ops while a call is recorded: runs the op, and records it, as
+    `bind_op(op, args, kwargs, result)` made it again where that gives a call."""
 
-    def __init__(self, steps: list, path: tuple = ()):
+    def __init__(self, steps: list, bind_op: Callable | None, path: tuple = ()):
         self._steps = steps
+        self._bind_op = bind_op
         self._path = path
 
     def __getattr__(self, name: str):
-        return _OpRecorder(self._steps, (*self._path, name))
+        return _OpRecorder(self._steps, self._bind_op, (*self._path, name))
 
     def __call__(self, *args, **kwargs):
         op = torch.ops
@@ -333,7 +335,8 @@ class _OpRecorder:
         result = op(*args, **kwargs)
         if result is not None and not isinstance(result, torch.Tensor):
             self._steps.append(None)  # a result a replay could not give again
-        self._steps.append((op, args, kwargs, result))
+        again = self._bind_op and self._bind_op(op, args, kwargs, result)
+        self._steps.append((again, (), {}, None) if again else (op, args, kwargs, result))
         return result
 
 
@@ -354,9 +357,11 @@ class DirectArtifact:
     def __call__(self, *args):
         return self.call(list(args))
 
-    def record(self, args: list) -> tuple[tuple, Replay | None]:
+    def record(self, args: list, bind_op: Callable | None = None) -> tuple[tuple, Replay | None]:
         """Call the piece on `args` -> its outputs and, where its generated code only does
-        what a `Replay` repeats, a replay of this call (else None)."""
+        what a `Replay` repeats, a replay of this call (else None). `bind_op(op, args,
+        kwargs, result)`: a call that repeats an op's recorded call, writing its result in
+        place, or None to replay the op as called."""
         if self._recording is None:
             tree = ast.parse(self.form["source"])
             kernels = {name for name, _, _ in _KERNEL.findall(self.form["source"])}
@@ -373,7 +378,7 @@ class DirectArtifact:
         if scope is None:
             return tuple(self(*args)), None
         steps: list = []
-        scope["_kiln_ops"] = _OpRecorder(steps)
+        scope["_kiln_ops"] = _OpRecorder(steps, bind_op)
         for name, kernel in kernels.items():
             scope[name] = functools.partial(_record_kernel, steps, kernel)
         inputs = tuple(args)

@@ -36,6 +36,7 @@ It is built on first use (models/cpu_build.py). Without a working compiler the t
 runs instead."""
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -627,6 +628,32 @@ static Tensor paged_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor kv_cache,
 STABLE_TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("paged_attention", TORCH_BOX(&paged_attention_cpu));
 }
+
+// One recorded call of the op (`bind_recorded`), on the same tensors every time: checked
+// once when recorded, so only the step's rows are checked here. Returns 2 where the op's
+// kernel would not take the call (no step, or more rows in it than q has).
+struct Recorded {
+  const void* q; int64_t q_stride; const void* k; int64_t k_stride;
+  const void* v; int64_t v_stride; void* kv_cache; int64_t cache_stride; void* out;
+  int64_t rows; int64_t num_heads; int64_t num_kv_heads; int64_t head_dim;
+  int64_t block_size; float scale; int64_t window; int64_t is_float;
+};
+
+template <typename T>
+static int attend_recorded(const Recorded* a) {
+  T* k_cache = static_cast<T*>(a->kv_cache);
+  return decode_attention<T>(
+      static_cast<const T*>(a->q), a->q_stride, static_cast<const T*>(a->k), a->k_stride,
+      static_cast<const T*>(a->v), a->v_stride, step.slots, k_cache, k_cache + a->cache_stride,
+      step.block_tables, step.table_rows, step.width, step.lens, static_cast<T*>(a->out),
+      step.num_rows, a->rows, a->num_heads, a->num_kv_heads, a->head_dim, a->block_size,
+      a->scale, a->window, static_cast<int>(torch::stable::get_num_threads()));
+}
+
+extern "C" int kiln_attend_recorded(const Recorded* a) {
+  if (step.num_rows <= 0 || a->rows < step.num_rows) return 2;
+  return a->is_float ? attend_recorded<float>(a) : attend_recorded<uint16_t>(a);
+}
 """
 C_SHIM = ("AOTITorchError aoti_torch_cpu_paged_attention(AtenTensorHandle q, AtenTensorHandle k, "
           "AtenTensorHandle v, AtenTensorHandle kv_cache, double scale, int64_t sliding_window, "
@@ -655,6 +682,9 @@ class DecodeKernel:
             library, "kiln_decode_attention", ctypes.c_int,
             [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR,
              _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _I64, ctypes.c_int])
+        self.attend_recorded = library.kiln_attend_recorded
+        self.attend_recorded.restype = ctypes.c_int
+        self.attend_recorded.argtypes = [_PTR]
         self.set_step = library.kiln_attention_step
         self.set_step.restype = None
         self.set_step.argtypes = [_PTR, _PTR, _I64, _PTR, _PTR, _I64]
@@ -703,6 +733,54 @@ class DecodeKernel:
         if failed:
             raise MemoryError("decode attention could not allocate its scratch memory")
         return out
+
+
+class _Recorded(ctypes.Structure):
+    _fields_ = [(name, _PTR if name in ("q", "k", "v", "kv_cache", "out") else _I64)
+                for name in ("q", "q_stride", "k", "k_stride", "v", "v_stride", "kv_cache",
+                             "cache_stride", "out", "rows", "num_heads", "num_kv_heads",
+                             "head_dim", "block_size")] + \
+        [("scale", ctypes.c_float), ("window", _I64), ("is_float", _I64)]
+
+
+def _takes(q, k, v, kv_cache, out) -> bool:
+    """Whether the op's CPU kernel attends these tensors itself (its `takes`, less the
+    step's rows), writing `out`, the result recorded, in place."""
+    dtype = kv_cache.dtype
+    return dtype in KERNEL_DTYPES and kv_cache.dim() == 5 and kv_cache.is_contiguous() and \
+        all(x.dtype == dtype and x.dim() == 3 and x.stride(2) == 1 and
+            x.stride(1) == x.shape[2] and x.shape[2] == kv_cache.shape[4] for x in (q, k, v)) \
+        and k.shape[1] == v.shape[1] == kv_cache.shape[3] and \
+        q.shape[1] % kv_cache.shape[3] == 0 and min(k.shape[0], v.shape[0]) >= q.shape[0] \
+        and out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+
+
+def bind_recorded(op, args: tuple, kwargs: dict, result) -> Callable[[], None] | None:
+    """A recorded call of `kiln::paged_attention` (compiler/inductor.py's Replay) made again
+    without the dispatcher: the kernel writes the recorded result itself, instead of a new
+    tensor copied into it. A replayed SmolLM2 decode layer spent about 30 us calling the op
+    and 20 more copying its result, with the weights streaming through the caches in
+    between. None where the op's kernel would not take these tensors."""
+    if not _kernel or kwargs or len(args) != 6 or not isinstance(result, torch.Tensor):
+        return None
+    q, k, v, kv_cache, scale, window = args
+    if not _takes(q, k, v, kv_cache, result):
+        return None
+    call = _Recorded(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        kv_cache.data_ptr(), kv_cache.stride(0), result.data_ptr(), q.shape[0], q.shape[1],
+        kv_cache.shape[3], q.shape[2], kv_cache.shape[2], scale, window,
+        kv_cache.dtype == torch.float32)
+    attend, pointer = _kernel[0].attend_recorded, ctypes.byref(call)
+
+    def replay() -> None:
+        failed = attend(pointer)
+        if failed == 2:  # not in a step the kernel takes: the dispatcher, as recorded
+            result.copy_(op(*args))
+        elif failed:
+            raise MemoryError("decode attention could not allocate its scratch memory")
+
+    return replay  # holding `args` and, through `pointer`, `call`: what the pointers name
 
 
 _kernel: list[DecodeKernel] = []  # one per process: a loaded library cannot be unloaded

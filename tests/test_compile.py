@@ -223,6 +223,12 @@ def test_one_token_steps_replay_each_layers_recorded_call(tiny_llama, tmp_path, 
         assert out[0].outputs[0].token_ids == tokens
     num_layers = len(llm.engine.runner.model.model.layers)
     assert len(runner.replays) == num_layers and None not in runner.replays.values()
+    # Their attention runs the op's kernel on the recorded tensors, not the dispatcher.
+    replayed = [fn for bound in runner.replays.values() for fn, *_ in
+                bound.__globals__["run"].steps]
+    assert torch.ops.kiln.paged_attention.default not in replayed
+    assert sum(getattr(fn, "__qualname__", "").startswith("bind_recorded")
+               for fn in replayed) == num_layers
     # Batches decode as compiled, beside the replays.
     outs = llm.generate(token_prompts(prompts[:6]), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:6]

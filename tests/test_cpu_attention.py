@@ -10,7 +10,7 @@ from kiln.models.attention import (
     paged_attention,
     paged_attention_step,
 )
-from kiln.models.cpu_attention import DecodeKernel, load_decode_kernel
+from kiln.models.cpu_attention import DecodeKernel, bind_recorded, load_decode_kernel
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +200,36 @@ def test_the_op_attends_every_step_in_its_cpu_kernel(kernel, num_prefill_tokens,
     assert not calls
     assert torch.equal(got, expected)
     assert torch.equal(cache, expected_cache)
+
+
+@pytest.mark.parametrize("num_prefill_tokens", [0, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_recorded_call_attends_into_its_recorded_result(kernel, num_prefill_tokens, dtype):
+    """A replayed layer repeats the op's recorded call without the dispatcher: the kernel
+    writes the tensor the call returned when recorded, every step, with the op's result.
+    In a step the kernel does not attend (no metadata given to it), the call goes through
+    the op, as recorded. Tensors the kernel would not take are replayed as the op."""
+    op = torch.ops.kiln.paged_attention.default
+    q, k, v, cache, meta = _batch([3, 8, 21], num_prefill_tokens, 9, 3, 64, seed=7)
+    q, k, v, cache = (x.to(dtype) for x in (q, k, v, cache))
+    recorded = torch.full_like(q, float("nan"))
+    again = bind_recorded(op, (q, k, v, cache, 0.125, 0), {}, recorded)
+    assert again is not None
+    for decode_kernel in (kernel, None):
+        meta.decode_kernel = decode_kernel
+        expected_cache = cache.clone()
+        with attention_context(meta):
+            expected = paged_attention_step(q, k, v, expected_cache, 0.125, 0)
+        recorded.fill_(float("nan"))
+        with attention_context(meta):
+            again()
+        assert torch.equal(recorded, expected)
+        assert torch.equal(cache, expected_cache)
+    assert bind_recorded(op, (q, k, v, cache, 0.125, 0), {}, recorded[:, :3]) is None
+    assert bind_recorded(op, (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, cache,
+                              0.125, 0), {}, recorded) is None
+    assert bind_recorded(op, (q, k, v, cache.float() if dtype != torch.float32 else
+                              cache.bfloat16(), 0.125, 0), {}, recorded) is None
 
 
 def test_an_error_on_the_torch_path_keeps_its_message(kernel, monkeypatch):
