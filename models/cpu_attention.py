@@ -760,8 +760,9 @@ def bind_recorded(op, args: tuple, kwargs: dict, result) -> Callable[[], None] |
     without the dispatcher: the kernel writes the recorded result itself, instead of a new
     tensor copied into it. A replayed SmolLM2 decode layer spent about 30 us calling the op
     and 20 more copying its result, with the weights streaming through the caches in
-    between. None where the op's kernel would not take these tensors."""
-    if not _kernel or kwargs or len(args) != 6 or not isinstance(result, torch.Tensor):
+    between. None for other ops, and where the op's kernel would not take these tensors."""
+    if not _kernel or op is not torch.ops.kiln.paged_attention.default or kwargs or \
+            len(args) != 6 or not isinstance(result, torch.Tensor):
         return None
     q, k, v, kv_cache, scale, window = args
     if not _takes(q, k, v, kv_cache, result):

@@ -226,6 +226,8 @@ def test_a_recorded_call_attends_into_its_recorded_result(kernel, num_prefill_to
         assert torch.equal(recorded, expected)
         assert torch.equal(cache, expected_cache)
     assert bind_recorded(op, (q, k, v, cache, 0.125, 0), {}, recorded[:, :3]) is None
+    assert bind_recorded(torch.ops.kiln.paged_attention_torch.default,
+                         (q, k, v, cache, 0.125, 0), {}, recorded) is None
     assert bind_recorded(op, (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, cache,
                               0.125, 0), {}, recorded) is None
     assert bind_recorded(op, (q, k, v, cache.float() if dtype != torch.float32 else
