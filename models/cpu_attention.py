@@ -581,17 +581,28 @@ static bool rows_of_heads(const Tensor& x, ScalarType dtype) {
          x.stride(1) == x.size(2);
 }
 
+// One call of the op on the step's metadata: the tensors' pointers, strides and sizes. The
+// op's kernel fills one per call; a recorded call (`bind_recorded`) keeps its own.
+struct AttendCall {
+  const void* q; int64_t q_stride; const void* k; int64_t k_stride;
+  const void* v; int64_t v_stride; void* kv_cache; int64_t cache_stride; void* out;
+  int64_t rows; int64_t num_heads; int64_t num_kv_heads; int64_t head_dim;
+  int64_t block_size; float scale; int64_t window; int64_t is_float;
+};
+
 template <typename T>
-static int attend_step(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& kv_cache,
-                       Tensor& out, double scale, int64_t window) {
-  T* k_cache = static_cast<T*>(kv_cache.data_ptr());
+static int attend_call(const AttendCall* a) {
+  T* k_cache = static_cast<T*>(a->kv_cache);
   return decode_attention<T>(
-      static_cast<const T*>(q.data_ptr()), q.stride(0), static_cast<const T*>(k.data_ptr()),
-      k.stride(0), static_cast<const T*>(v.data_ptr()), v.stride(0), step.slots, k_cache,
-      k_cache + kv_cache.stride(0), step.block_tables, step.table_rows, step.width, step.lens,
-      static_cast<T*>(out.data_ptr()), step.num_rows, q.size(0), q.size(1), kv_cache.size(3),
-      q.size(2), kv_cache.size(2), static_cast<float>(scale), window,
-      static_cast<int>(torch::stable::get_num_threads()));
+      static_cast<const T*>(a->q), a->q_stride, static_cast<const T*>(a->k), a->k_stride,
+      static_cast<const T*>(a->v), a->v_stride, step.slots, k_cache, k_cache + a->cache_stride,
+      step.block_tables, step.table_rows, step.width, step.lens, static_cast<T*>(a->out),
+      step.num_rows, a->rows, a->num_heads, a->num_kv_heads, a->head_dim, a->block_size,
+      a->scale, a->window, static_cast<int>(torch::stable::get_num_threads()));
+}
+
+static int attend_call(const AttendCall* a) {
+  return a->is_float ? attend_call<float>(a) : attend_call<uint16_t>(a);
 }
 
 static Tensor paged_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor kv_cache, double scale,
@@ -618,9 +629,12 @@ static Tensor paged_attention_cpu(Tensor q, Tensor k, Tensor v, Tensor kv_cache,
     return torch::stable::detail::to<Tensor>(stack[0]);
   }
   Tensor out = new_contiguous(q, {q.size(0), q.size(1), q.size(2)});
-  const int failed = dtype == ScalarType::Float
-      ? attend_step<float>(q, k, v, kv_cache, out, scale, sliding_window)
-      : attend_step<uint16_t>(q, k, v, kv_cache, out, scale, sliding_window);
+  const AttendCall call = {
+      q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+      kv_cache.data_ptr(), kv_cache.stride(0), out.data_ptr(), q.size(0), q.size(1),
+      kv_cache.size(3), q.size(2), kv_cache.size(2), static_cast<float>(scale),
+      sliding_window, dtype == ScalarType::Float};
+  const int failed = attend_call(&call);
   STD_TORCH_CHECK(!failed, "decode attention could not allocate its scratch memory");
   return out;
 }
@@ -629,30 +643,12 @@ STABLE_TORCH_LIBRARY_IMPL(kiln, CPU, m) {
   m.impl("paged_attention", TORCH_BOX(&paged_attention_cpu));
 }
 
-// One recorded call of the op (`bind_recorded`), on the same tensors every time: checked
+// A recorded call of the op (`bind_recorded`), on the same tensors every time: checked
 // once when recorded, so only the step's rows are checked here. Returns 2 where the op's
 // kernel would not take the call (no step, or more rows in it than q has).
-struct Recorded {
-  const void* q; int64_t q_stride; const void* k; int64_t k_stride;
-  const void* v; int64_t v_stride; void* kv_cache; int64_t cache_stride; void* out;
-  int64_t rows; int64_t num_heads; int64_t num_kv_heads; int64_t head_dim;
-  int64_t block_size; float scale; int64_t window; int64_t is_float;
-};
-
-template <typename T>
-static int attend_recorded(const Recorded* a) {
-  T* k_cache = static_cast<T*>(a->kv_cache);
-  return decode_attention<T>(
-      static_cast<const T*>(a->q), a->q_stride, static_cast<const T*>(a->k), a->k_stride,
-      static_cast<const T*>(a->v), a->v_stride, step.slots, k_cache, k_cache + a->cache_stride,
-      step.block_tables, step.table_rows, step.width, step.lens, static_cast<T*>(a->out),
-      step.num_rows, a->rows, a->num_heads, a->num_kv_heads, a->head_dim, a->block_size,
-      a->scale, a->window, static_cast<int>(torch::stable::get_num_threads()));
-}
-
-extern "C" int kiln_attend_recorded(const Recorded* a) {
+extern "C" int kiln_attend_recorded(const AttendCall* a) {
   if (step.num_rows <= 0 || a->rows < step.num_rows) return 2;
-  return a->is_float ? attend_recorded<float>(a) : attend_recorded<uint16_t>(a);
+  return attend_call(a);
 }
 """
 C_SHIM = ("AOTITorchError aoti_torch_cpu_paged_attention(AtenTensorHandle q, AtenTensorHandle k, "
@@ -735,7 +731,7 @@ class DecodeKernel:
         return out
 
 
-class _Recorded(ctypes.Structure):
+class _AttendCall(ctypes.Structure):  # the C struct AttendCall
     _fields_ = [(name, _PTR if name in ("q", "k", "v", "kv_cache", "out") else _I64)
                 for name in ("q", "q_stride", "k", "k_stride", "v", "v_stride", "kv_cache",
                              "cache_stride", "out", "rows", "num_heads", "num_kv_heads",
@@ -767,7 +763,7 @@ def bind_recorded(op, args: tuple, kwargs: dict, result) -> Callable[[], None] |
     q, k, v, kv_cache, scale, window = args
     if not _takes(q, k, v, kv_cache, result):
         return None
-    call = _Recorded(
+    call = _AttendCall(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         kv_cache.data_ptr(), kv_cache.stride(0), result.data_ptr(), q.shape[0], q.shape[1],
         kv_cache.shape[3], q.shape[2], kv_cache.shape[2], scale, window,
