@@ -19,7 +19,7 @@ from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
 from ..models.cpu_build import KERNEL_DTYPES
 from ..models.cpu_linear import load_linear_kernel
-from ..models.huge_pages import advise_huge_pages
+from ..models.huge_pages import advise_huge_pages, populate
 from ..models.loader import build_model, init_dummy_weights, load_weights
 from .config import EngineConfig
 from .sampler import SamplerOutput, SamplingBatch, sample
@@ -106,11 +106,14 @@ class ModelRunner:
         self.sink_block = self.num_blocks
         cache = zeroed((len(layers), 2, self.num_blocks + 1, self.block_size,
                         attn.num_kv_heads, attn.head_dim), config.model.dtype, self.device)
-        advise_huge_pages(cache)  # decode attention walks it block by block, every layer
-        # Warm-up writes the sink block of every layer first. The first write to a huge page
-        # cost 4.5 ms here (60 pages for SmolLM2: 0.27 s of a warm start); done now, it runs
-        # beside Inductor's import instead of in the warm-up.
-        cache[:, :, self.sink_block].zero_()
+        if self.device.type == "cpu":
+            advise_huge_pages(cache)  # decode attention walks it block by block, every layer
+            # Warm-up writes the sink block of every layer first, each in a huge page of its
+            # own (60 for SmolLM2, whose first writes took 0.27 s of a warm start in one
+            # thread): faulted in now, on every thread, and beside Inductor's import when
+            # a start imports it.
+            populate([(block.data_ptr(), block.nbytes)
+                      for block in cache[:, :, self.sink_block].flatten(0, 1)])
         for layer, kv in zip(layers, cache):
             layer.kv_cache = kv
         max_len = config.model.max_model_len

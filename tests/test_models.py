@@ -88,6 +88,40 @@ def test_large_cpu_buffers_ask_for_huge_pages():
     assert advise_huge_pages(torch.empty(8 << 20, dtype=torch.uint8, device="meta")) == 0
 
 
+def _resident(start: int, nbytes: int) -> tuple[int, int]:
+    """(pages in memory, pages) of the 4 KiB pages that [start, start + nbytes) touches."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    first = start // 4096 * 4096
+    pages = -(-(start + nbytes - first) // 4096)
+    vec = ctypes.create_string_buffer(pages)
+    assert libc.mincore(first, start + nbytes - first, vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec.raw), pages
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="madvise is Linux's")
+def test_populate_faults_in_memory_and_keeps_what_it_holds():
+    import mmap
+
+    from kiln.models.huge_pages import populate
+
+    region = mmap.mmap(-1, 16 << 20)  # fresh anonymous memory: no page in memory yet
+    tensor = torch.frombuffer(region, dtype=torch.uint8)
+    start = tensor.data_ptr()
+    assert _resident(start, 16 << 20)[0] == 0
+    tensor[5 << 20] = 7  # a page written before
+    ranges = [(start + 100 + i * (3 << 20), 3 << 20) for i in range(4)]  # not page-aligned
+    assert populate(ranges) == 4 * (3 << 20)
+    for first, nbytes in ranges:
+        resident, pages = _resident(first, nbytes)
+        assert resident == pages == 769
+    assert _resident(start + (15 << 20), 1 << 20)[0] == 0  # outside the ranges: untouched
+    assert int(tensor[5 << 20]) == 7 and int(tensor.sum()) == 7
+    assert populate([]) == 0
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="madvise huge pages are Linux's")
 def test_weights_and_kv_cache_are_built_on_huge_pages(smollm2):
     model = smollm2.engine.runner.model
