@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 _MADV_HUGEPAGE = 14  # linux/mman.h
+_MADV_NOHUGEPAGE = 15
 _MADV_POPULATE_WRITE = 23  # Linux 5.14 on; older kernels refuse it, and pages fault lazily
 _HUGE_PAGE = 2 << 20
 _PAGE = 4096
@@ -53,6 +54,16 @@ def advise_huge_pages(tensor: torch.Tensor) -> int:
     if last <= first or _madvise()(first, last - first, _MADV_HUGEPAGE) != 0:
         return 0
     return last - first
+
+
+def keep_small_pages(ranges: list[tuple[int, int]]) -> None:
+    """Back the pages of the memory ranges (address, bytes) with 4 KiB pages even inside a
+    buffer advised huge: a few bytes written into a huge page fault in all 2 MiB of it."""
+    if sys.platform != "linux":
+        return
+    for start, nbytes in ranges:
+        first = start // _PAGE * _PAGE  # madvise takes whole pages
+        _madvise()(first, start + nbytes - first, _MADV_NOHUGEPAGE)
 
 
 def gather_weights(model: nn.Module, alignment: int = 64) -> None:

@@ -19,7 +19,7 @@ from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
 from ..models.cpu_build import KERNEL_DTYPES
 from ..models.cpu_linear import load_linear_kernel
-from ..models.huge_pages import advise_huge_pages, populate
+from ..models.huge_pages import advise_huge_pages, keep_small_pages
 from ..models.loader import build_model, init_dummy_weights, load_weights
 from .config import EngineConfig
 from .sampler import SamplerOutput, SamplingBatch, sample
@@ -108,12 +108,11 @@ class ModelRunner:
                         attn.num_kv_heads, attn.head_dim), config.model.dtype, self.device)
         if self.device.type == "cpu":
             advise_huge_pages(cache)  # decode attention walks it block by block, every layer
-            # Warm-up writes the sink block of every layer first, each in a huge page of its
-            # own (60 for SmolLM2, whose first writes took 0.27 s of a warm start in one
-            # thread): faulted in now, on every thread, and beside Inductor's import when
-            # a start imports it.
-            populate([(block.data_ptr(), block.nbytes)
-                      for block in cache[:, :, self.sink_block].flatten(0, 1)])
+            # From the first warm-up on, padding tokens write to the sink block of every layer:
+            # in huge pages, 60 of them for SmolLM2, 2 MiB each for 12 KiB of sink, whose first
+            # writes took 0.24-0.27 s of a warm start here.
+            keep_small_pages([(block.data_ptr(), block.nbytes)
+                              for block in cache[:, :, self.sink_block].flatten(0, 1)])
         for layer, kv in zip(layers, cache):
             layer.kv_cache = kv
         max_len = config.model.max_model_len

@@ -127,8 +127,12 @@ def test_weights_and_kv_cache_are_built_on_huge_pages(smollm2):
     model = smollm2.engine.runner.model
     embedding = model.model.embed_tokens.weight  # the largest weight
     assert "hg" in _vm_flags(-(-embedding.data_ptr() // (2 << 20)) * (2 << 20))
-    cache = model.attention_layers()[0].kv_cache
-    assert "hg" in _vm_flags(-(-cache.data_ptr() // (2 << 20)) * (2 << 20))
+    runner = smollm2.engine.runner
+    for layer in model.attention_layers():
+        cache = layer.kv_cache
+        assert "hg" in _vm_flags(-(-cache.data_ptr() // (2 << 20)) * (2 << 20))
+        for sink in cache[:, runner.sink_block]:  # 12 KiB each, not a 2 MiB page apiece
+            assert "nh" in _vm_flags(sink.data_ptr()) and "hg" not in _vm_flags(sink.data_ptr())
 
 
 def test_weights_share_one_buffer_in_declaration_order(smollm2):
