@@ -29,6 +29,15 @@ def compile_piece(gm: torch.fx.GraphModule, example_inputs: list, options: dict,
     (standalone_compile's `options` are compile_fx's arguments): for the exact shapes of
     `example_inputs`, or, `dynamic`, for the symbolic sizes Dynamo traced the graph with."""
     _before_building()
+    try:
+        return _standalone_compile(gm, example_inputs, options, dynamic)
+    except VecIsaRejected:  # Inductor's list was picked again: generate for the new pick
+        _distrust()
+        _before_building()
+        return _standalone_compile(gm, example_inputs, options, dynamic)
+
+
+def _standalone_compile(gm, example_inputs, options: dict, dynamic: bool):
     return torch._inductor.standalone_compile(
         gm, example_inputs, dynamic_shapes="from_graph" if dynamic else "from_example_inputs",
         options={"config_patches": dict(options)})
@@ -85,10 +94,26 @@ def load_artifact(path: Path):
 
 
 def _before_building() -> None:
-    """Wait for the start thread's check of the vector instruction sets, and point the
-    precompiled kernel header at the builds directory in use now."""
+    """Wait for the start thread's check of the vector instruction sets, trust its pick in
+    this thread while it is unverified (codegen asks whether the set works, which would run
+    Inductor's probe right here), and point the precompiled kernel header at the builds
+    directory in use now."""
+    import torch._inductor.config as inductor_config
+
     _wait_for_inductor_start()
+    if _unverified_isa and inductor_config.cpp.vec_isa_ok is None:
+        inductor_config.cpp.vec_isa_ok = True
+        _trusted_here.append(True)
     _keep_headers_in(_builds_dir())
+
+
+def _distrust() -> None:
+    """Drop the trust `_before_building` gave this thread (the set was rejected)."""
+    import torch._inductor.config as inductor_config
+
+    if _trusted_here:
+        _trusted_here.clear()
+        inductor_config.cpp.vec_isa_ok = None
 
 
 def _builds_dir() -> str:
@@ -540,13 +565,19 @@ def configure_inductor(root: Path) -> None:
 
 def remember_vec_isa(root: Path) -> None:
     """After warm-up on CPU: record that Inductor's vector instruction set check passed
-    (compiling or loading a kernel ran it, and its answer is cached in the process), only
-    if it chose the widest set this CPU lists: trusting the check picks that one, so a
-    narrower choice (a set that failed to build or run) must be probed again next time."""
+    (compiling or loading a kernel ran it, and its answer is cached in the process; or the
+    kernel header's probe vouched for the set picked unverified), only if it chose the
+    widest set this CPU lists: trusting the check picks that one, so a narrower choice (a
+    set that failed to build or run) must be probed again next time."""
     import torch._inductor.config as inductor_config
     from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
 
-    if inductor_config.cpp.vec_isa_ok is not None:
+    try:
+        _settle_vec_isa()
+    except VecIsaRejected:
+        _distrust()
+        return
+    if inductor_config.cpp.vec_isa_ok is not None and not _trusted_here:
         return
     chosen, listed = pick_vec_isa(), valid_vec_isa_list()
     if chosen and listed and str(chosen) == str(listed[0]):
@@ -577,35 +608,81 @@ def _check_vec_isa(trusted: bool | None) -> None:
     """Inductor's check of which vector instruction sets build and load, shortened where it
     can be. Inductor builds and loads a probe library for every set the CPU lists (AVX-512
     with VNNI, AVX-512 and AVX2 on the Zen 4 EPYC here: 7.2 s, one after another), then
-    picks the widest that passed. So when the widest listed passes its own probe (2.8 s),
-    the answer is known, and Inductor's list is computed trusting the rest; the list is
-    cached for the process, the trust (a setting) is not, and `remember_vec_isa` keeps the
-    verdict after warm-up as it does after a full check. Inductor's settings are context
-    variables here (torch 2.13): set in this thread, the trust would never reach the main
-    one. Cold starts of SmolLM2 in bfloat16, alternating fresh processes: ready in 26.5 /
-    27.5 s against 31.1 / 30.2, the first compile waiting 1.9-2.2 s for the check instead
-    of 5.4.
-
-    The list is picked trusting the widest before its probe runs, so that the kernel
-    header (`start_kernel_header`) builds beside the probe instead of after it; should the
-    probe fail, the list is picked again by Inductor's full check, before any compile or
-    load (they wait for this thread), and that header was built for nothing.
+    picks the widest that passed. So its list is computed trusting the sets, which picks
+    the widest the CPU lists; the list is cached for the process, the trust (a setting) is
+    not. Inductor's settings are context variables here (torch 2.13): set in this thread,
+    the trust would never reach the main one. That pick stays unverified until the kernel
+    header's probe kernel (`start_kernel_header`), built with the picked set's flags from
+    the same vector headers Inductor's probe builds, has run; before any kernel is built, or
+    the verdict kept, `_settle_vec_isa` waits for it, or runs Inductor's probe where no
+    header is built. Inductor's own probe of the widest set kept a cold start's first
+    compile waiting 2.4 s for it here, its g++ sharing the two cores with the header's and
+    the trace; without it, six alternating cold starts of SmolLM2 (float32, Zen 3) were
+    ready in 23.3-29.5 s (median 26.8) against 23.4-31.5 (27.4), sooner in five.
 
     `trusted`: True where a kept verdict (or the user) already trusts the sets. Inductor
     still builds and loads probes for the sets' extensions then (AVX-512 bfloat16 and VNNI:
     three child processes, 0.15 s of a warm start here), which this thread runs beside the
     model load instead of in the first artifact load."""
     import torch._inductor.config as inductor_config
-    from torch._inductor import cpu_vec_isa
+    from torch._inductor import codecache, cpu_vec_isa
 
     widest = None if trusted else _widest_listed_vec_isa()
     trust = trusted or widest is not None  # not `widest`: its truth value is its probe
     with inductor_config.patch({"cpp.vec_isa_ok": True if trust else None}):
         cpu_vec_isa.pick_vec_isa()  # the list is cached for the process from here
-    _vec_isa_picked.set()
-    if widest is not None and not bool(widest):
-        cpu_vec_isa.valid_vec_isa_list.cache_clear()  # Inductor's own full check, then
+    if widest is not None:
+        _unverified_isa.append(widest)
+        if not getattr(codecache._precompile_header, "settles_vec_isa", False):
+            codecache._precompile_header = _settled_first(codecache._precompile_header)
+
+
+_unverified_isa: list = []  # the widest set, picked trusted and not yet checked
+_header_verdict: list[bool] = []  # whether the kernel header's probe kernel built and ran
+_settling = threading.Lock()
+_trusted_here: list[bool] = []  # `_before_building` trusted the unverified set in the main thread
+
+
+class VecIsaRejected(RuntimeError):
+    """The trusted vector instruction set failed its check: Inductor picked its list again,
+    and code generated for the rejected set must be generated again."""
+
+
+def _settle_vec_isa() -> None:
+    """Check the set `_check_vec_isa` picked unverified, once: by the kernel header's probe
+    kernel (waiting for its thread), else by Inductor's own probe. If it fails, Inductor's
+    full check picks the list again and VecIsaRejected is raised."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    with _settling:
+        if not _unverified_isa:
+            return
+        for thread in _header_start:
+            thread.join()
+        isa = _unverified_isa.pop()
+        if _header_verdict == [True]:
+            return
+        with inductor_config.patch({"cpp.vec_isa_ok": None}):
+            if bool(isa):  # Inductor's probe of `isa`
+                return
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
         cpu_vec_isa.pick_vec_isa()
+        raise VecIsaRejected(f"vector instruction set {isa} failed its check")
+
+
+def _settled_first(precompile: Callable) -> Callable:
+    """Inductor's `_precompile_header`, which every CPU kernel build asks for its header
+    first, settling the vector instruction set before it (except in the header's own
+    thread, whose build is the check)."""
+    def precompile_header(*args, **kwargs):
+        if threading.current_thread() not in _header_start:
+            _settle_vec_isa()
+        return precompile(*args, **kwargs)
+
+    precompile_header.cache_clear = precompile.cache_clear
+    precompile_header.settles_vec_isa = True
+    return precompile_header
 
 
 def start_inductor(root: Path | None, device: torch.device) -> None:
@@ -663,10 +740,16 @@ def _build_kernel_header() -> None:
         _vec_isa_picked.wait()
         _keep_headers_in(_builds_dir())
         from torch._inductor.codecache import CppPythonBindingsCodeCache
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-        CppPythonBindingsCodeCache.load_pybinding(["float*"], _HEADER_PROBE)
+        kernel = CppPythonBindingsCodeCache.load_pybinding(["float*"], _HEADER_PROBE)
+        out = torch.zeros(64)
+        kernel(out)  # one vector of ones, as wide as the picked set's
+        width = pick_vec_isa().nelements()
+        works = bool(out[:width].eq(1).all() and out[width:].eq(0).all())
     except Exception:  # the compile that needs the header builds it again and reports it
-        return
+        works = False
+    _header_verdict.append(works)
 
 
 class _TemplateOnFirstUse:

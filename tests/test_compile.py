@@ -2,8 +2,10 @@
 scheduling path, no compiles after warm-up, shared artifacts, and a trustworthy cache."""
 
 import copy
+import functools
 import json
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -471,11 +473,17 @@ def test_each_cache_keeps_its_own_kernel_builds(tiny_llama, tmp_path):
         "for cache in sys.argv[2:]:\n"
         "    LLM(sys.argv[1], skip_tokenizer_init=True, kv_cache_memory=16 << 20,"
         " max_num_seqs=4, max_num_batched_tokens=4,"
-        " compilation_config={'sizes': [4], 'cache_dir': cache})\n")
+        " compilation_config={'sizes': [4], 'cache_dir': cache})\n"
+        "from kiln.compiler import inductor\n"
+        "print(inductor._header_verdict, inductor._unverified_isa)\n")
     result = subprocess.run([sys.executable, "-c", script, str(tiny_llama[0]),
                              str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True,
                             text=True, env=_without_build_dirs(), timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # The cold check left the widest set to the header's probe kernel, which ran it.
+        assert result.stdout.split("\n")[-2] == "[True] []"
+        assert any(p.name.startswith("vec-isa-ok") for p in (tmp_path / "a").iterdir())
 
     def builds(root):  # kernels, but the probe that precompiles their header, once a process
         return sorted(p.name for p in (root / "inductor").rglob("*.main.so")
@@ -560,13 +568,11 @@ def test_the_vector_isa_verdict_is_kept_only_for_the_widest_set(tmp_path, monkey
     assert [p.name.startswith("vec-isa-ok") for p in tmp_path.iterdir()] == [True]
 
 
-def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passes(
-        monkeypatch):
+def test_a_cold_check_of_the_vector_isa_picks_the_widest_set_unverified(monkeypatch):
     """Inductor picks the widest set that passes its probe, so its list is computed
-    trusting the sets before the widest the CPU lists is probed (the kernel header builds
-    from that pick meanwhile); if the widest fails, the cached list is dropped and the
-    whole check runs. A warm start's kept verdict is trusted without probing the widest.
-    The trust does not outlive the check."""
+    trusting the sets and the widest the CPU lists is left to be checked later (by the
+    kernel header's probe kernel); a warm start's kept verdict is trusted as it is. The
+    trust does not outlive the pick."""
     import torch._inductor.config as inductor_config
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
 
@@ -575,17 +581,90 @@ def test_a_cold_check_of_the_vector_isa_probes_only_the_widest_set_when_it_passe
     trusted_when_picked = []
     monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa",
                         lambda: trusted_when_picked.append(inductor_config.cpp.vec_isa_ok))
-    monkeypatch.setattr(cpu_vec_isa.valid_vec_isa_list, "cache_clear",
-                        lambda: trusted_when_picked.append("cleared"))
+    monkeypatch.setattr(inductor, "_unverified_isa", [])
     with inductor_config.patch({"cpp.vec_isa_ok": None}):
-        for passes in (False, True):
-            monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda p=passes: p)
+        for widest in (None, "widest"):  # None: not x86, or the user fixed the width
+            monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda w=widest: w)
             inductor._check_vec_isa(None)
             assert inductor_config.cpp.vec_isa_ok is None
-        monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda: pytest.fail("probed"))
+        assert inductor._unverified_isa == ["widest"]
+        monkeypatch.setattr(inductor, "_widest_listed_vec_isa", lambda: pytest.fail("looked"))
         inductor._check_vec_isa(True)
         assert inductor_config.cpp.vec_isa_ok is None
-    assert trusted_when_picked == [True, "cleared", None, True, True]
+    assert trusted_when_picked == [None, True, True]
+    assert inductor._unverified_isa == ["widest"]
+
+
+class _Probe:
+    """A vector instruction set whose truth value is Inductor's probe of it."""
+
+    def __init__(self, passes: bool):
+        self.passes, self.probed = passes, 0
+
+    def __bool__(self) -> bool:
+        self.probed += 1
+        return self.passes
+
+    def __str__(self) -> str:
+        return "probe"
+
+
+@pytest.mark.parametrize("verdict,probe_passes,rejected", [
+    ([True], False, False),  # the header's probe kernel ran: Inductor's probe is not run
+    ([False], True, False),  # the header failed for another reason: Inductor's probe decides
+    ([], True, False),  # no header built (nothing to compile): Inductor's probe decides
+    ([False], False, True),
+])
+def test_an_unverified_vector_isa_is_settled_once_before_kernels_build(
+        monkeypatch, verdict, probe_passes, rejected):
+    import torch._inductor.cpu_vec_isa as cpu_vec_isa
+
+    from kiln.compiler import inductor
+
+    picked = []
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: picked.append("picked"))
+    monkeypatch.setattr(cpu_vec_isa.valid_vec_isa_list, "cache_clear",
+                        lambda: picked.append("cleared"))
+    isa = _Probe(probe_passes)
+    monkeypatch.setattr(inductor, "_unverified_isa", [isa])
+    monkeypatch.setattr(inductor, "_header_verdict", verdict)
+    monkeypatch.setattr(inductor, "_header_start", [])
+    settled = inductor._settled_first(functools.cache(lambda *args: ("header", args)))
+    if rejected:
+        with pytest.raises(inductor.VecIsaRejected):
+            settled("h")
+        assert picked == ["cleared", "picked"]  # Inductor's full check, for the next try
+    else:
+        assert settled("h") == ("header", ("h",))
+        assert picked == []
+    assert isa.probed == (verdict != [True])
+    assert settled("h") == ("header", ("h",))  # settled once: no second check
+    assert isa.probed == (verdict != [True])
+
+
+def test_a_compile_whose_vector_isa_was_rejected_runs_again_untrusted(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from kiln.compiler import inductor
+
+    monkeypatch.setattr(inductor, "_wait_for_inductor_start", lambda: None)
+    monkeypatch.setattr(inductor, "_keep_headers_in", lambda builds: None)
+    monkeypatch.setattr(inductor, "_unverified_isa", ["widest"])
+    monkeypatch.setattr(inductor, "_trusted_here", [])
+    trusted_when_compiled = []
+
+    def compile_once(*args):
+        trusted_when_compiled.append(inductor_config.cpp.vec_isa_ok)
+        if len(trusted_when_compiled) == 1:
+            inductor._unverified_isa.clear()  # as `_settle_vec_isa` does when it rejects
+            raise inductor.VecIsaRejected("probe")
+        return "compiled"
+
+    monkeypatch.setattr(inductor, "_standalone_compile", compile_once)
+    with inductor_config.patch({"cpp.vec_isa_ok": None}):
+        assert inductor.compile_piece(None, [], {}) == "compiled"
+        assert trusted_when_compiled == [True, None]
+        assert inductor_config.cpp.vec_isa_ok is None
 
 
 @pytest.mark.parametrize("capability,dtype,row_kernel,weight_times_input", [
