@@ -796,18 +796,6 @@ def defer_kernel_templates() -> None:
 
 
 def _prepare_inductor(kept: bool, check_vec_isa: bool) -> None:
-    try:
-        if _import_inductor():
-            import torch._inductor.config as inductor_config
-
-            trusted = True if kept else inductor_config.cpp.vec_isa_ok
-            if check_vec_isa and trusted is not False:
-                _check_vec_isa(trusted)
-    finally:
-        _vec_isa_picked.set()
-
-
-def _import_inductor() -> bool:
     # The import holds the GIL; the weight load beside it takes it back after every tensor
     # copy, waiting a whole switch interval (5 ms) each time unless it is shorter: SmolLM2's
     # bfloat16 load took 0.5 s instead of 0.26 beside the import.
@@ -815,24 +803,31 @@ def _import_inductor() -> bool:
     sys.setswitchinterval(0.0005)
     try:
         defer_kernel_templates()  # before anything defines them (compile_fx's imports)
+        import torch._inductor.config as inductor_config
         from torch._inductor.codecache import torch_key
 
+        # The vector instruction set first, as soon as Inductor's build code is imported:
+        # the kernel header's build waits for it.
+        trusted = True if kept else inductor_config.cpp.vec_isa_ok
+        if check_vec_isa and trusted is not False:
+            _check_vec_isa(trusted)
+        _vec_isa_picked.set()
         # A hash of torch's sources (0.12-0.14 s here) that every artifact load compares
         # with the one it was saved with, computed once per process: here, while the main
         # thread loads weights and imports nothing (the hash walks torch's modules).
         torch_key()
-        # The rest of Inductor's compiler, and what the check below builds its probes with,
-        # here too: two threads importing Inductor's modules at once can meet in an import
-        # cycle, where Python hands one of them a module still being initialised (the suite
-        # once failed with "cannot import name 'autograd_cache'" in the main thread).
+        # The rest of Inductor's compiler here too: two threads importing Inductor's modules
+        # at once can meet in an import cycle, where Python hands one of them a module still
+        # being initialised (the suite once failed with "cannot import name
+        # 'autograd_cache'" in the main thread).
         importlib.import_module("torch._inductor.compile_fx")
         importlib.import_module("torch.utils.cpp_extension")
     except Exception:  # the main thread's own import raises it where it can be handled
-        return False
+        pass
     finally:
         sys.setswitchinterval(interval)
+        _vec_isa_picked.set()
         _inductor_imported.set()
-    return True
 
 
 @contextlib.contextmanager
