@@ -56,14 +56,20 @@ def advise_huge_pages(tensor: torch.Tensor) -> int:
     return last - first
 
 
+def _advise_pages(start: int, nbytes: int, advice: int) -> bool:
+    """madvise the whole pages that [start, start + nbytes) touches; whether Linux took it.
+    ctypes lets go of the GIL for the call."""
+    first = start // _PAGE * _PAGE  # madvise takes whole pages
+    return _madvise()(first, start + nbytes - first, advice) == 0
+
+
 def keep_small_pages(ranges: list[tuple[int, int]]) -> None:
     """Back the pages of the memory ranges (address, bytes) with 4 KiB pages even inside a
     buffer advised huge: a few bytes written into a huge page fault in all 2 MiB of it."""
     if sys.platform != "linux":
         return
     for start, nbytes in ranges:
-        first = start // _PAGE * _PAGE  # madvise takes whole pages
-        _madvise()(first, start + nbytes - first, _MADV_NOHUGEPAGE)
+        _advise_pages(start, nbytes, _MADV_NOHUGEPAGE)
 
 
 def gather_weights(model: nn.Module, alignment: int = 64) -> None:
@@ -81,41 +87,37 @@ def gather_weights(model: nn.Module, alignment: int = 64) -> None:
     start = -arena.data_ptr() % _HUGE_PAGE  # so that huge pages cover it from its first byte
     arena = arena[start:start + total]
     advise_huge_pages(arena)
-    step = -(-total // torch.get_num_threads())
-    populate([(arena.data_ptr() + i, min(step, total - i)) for i in range(0, total, step)])
+    populate(arena.data_ptr(), total)
     for param, offset in zip(params, offsets):
         nbytes = param.numel() * param.element_size()
         param.data = arena[offset:offset + nbytes].view(param.dtype).view(param.shape)
 
 
-def populate(ranges: list[tuple[int, int]]) -> int:
-    """Fault in the pages of the memory ranges (address, bytes) now, the ranges shared among
-    as many threads as torch uses, keeping what they hold (fresh memory stays zero).
-    Returns the bytes populated: 0 off Linux, or where the kernel predates
-    MADV_POPULATE_WRITE (their pages fault when first written, as without this).
+def populate(start: int, nbytes: int) -> int:
+    """Fault in the pages of [start, start + nbytes) now, split among as many threads as
+    torch uses, keeping what they hold (fresh memory stays zero). Returns the bytes
+    populated: 0 off Linux, or where the kernel predates MADV_POPULATE_WRITE (their pages
+    fault when first written, as without this).
 
     The first touch of fresh memory is what costs, not the copy into it: on the KVM guest
     here a huge page's first write took 1-4.5 ms (the host backs the guest's memory as it is
     first touched), so loading SmolLM2's 538 MB of weights took 0.5-1.0 s of a warm start.
     One thread's page faults do not wait for another's: two threads faulted 538 MB of
     huge pages in 0.29-0.30 s against 0.46-0.54 for one (separate processes, alternating)."""
-    if sys.platform != "linux" or not ranges:
+    if sys.platform != "linux" or nbytes <= 0:
         return 0
-    madvise = _madvise()
+    step = -(-nbytes // torch.get_num_threads())
+    parts = [(start + i, min(step, nbytes - i)) for i in range(0, nbytes, step)]
     done = []
 
-    def fault_in(chunk: list[tuple[int, int]]) -> None:
-        for start, nbytes in chunk:
-            first = start // _PAGE * _PAGE  # madvise takes whole pages
-            if madvise(first, start + nbytes - first, _MADV_POPULATE_WRITE) == 0:  # no GIL
-                done.append(nbytes)
+    def fault_in(part: tuple[int, int]) -> None:
+        if _advise_pages(*part, _MADV_POPULATE_WRITE):
+            done.append(part[1])
 
-    count = max(1, min(torch.get_num_threads(), len(ranges)))
-    threads = [threading.Thread(target=fault_in, args=(ranges[i::count],))
-               for i in range(1, count)]
+    threads = [threading.Thread(target=fault_in, args=(part,)) for part in parts[1:]]
     for thread in threads:
         thread.start()
-    fault_in(ranges[::count])
+    fault_in(parts[0])
     for thread in threads:
         thread.join()
     return sum(done)
