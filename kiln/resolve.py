@@ -1,6 +1,7 @@
 """Where a model's files come from: the embedded default, a local folder, a .gguf file, or
 a Hugging Face hub id. Every answer is a local folder with config.json and safetensors."""
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
@@ -24,11 +25,29 @@ def cache_dir() -> Path:
 
 
 def _file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256, kept in the cache under the file's
+    identity (device, inode, size, modification and change times: any write to the file
+    changes its change time), so that a start does not read the whole file again: hashing
+    SmolLM2's 98 MB GGUF took 0.09 s of every start here."""
+    stat = path.stat()
+    identity = f"{stat.st_dev} {stat.st_ino} {stat.st_size} {stat.st_mtime_ns} {stat.st_ctime_ns}"
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    record = cache_dir() / "digests" / name
+    with contextlib.suppress(OSError, ValueError):
+        kept, digest = record.read_text().split("\n")
+        if kept == identity:
+            return digest
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
-    return digest.hexdigest()[:16]
+    digest = digest.hexdigest()[:16]
+    with contextlib.suppress(OSError):  # a read-only cache: hash again next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        partial = record.with_name(f"{name}.{os.getpid()}.tmp")
+        partial.write_text(f"{identity}\n{digest}")
+        os.replace(partial, record)  # whole or absent for a concurrent start
+    return digest
 
 
 def gguf_folder(path: Path) -> Path:

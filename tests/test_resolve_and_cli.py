@@ -1,12 +1,13 @@
 """Model resolution (embedded default, .gguf files, folders, hub ids) and the CLI."""
 
+import hashlib
 import subprocess
 import sys
 
 import pytest
 
 from kiln.cli import main
-from kiln.resolve import embedded_model, resolve_model
+from kiln.resolve import _file_digest, embedded_model, resolve_model
 
 
 def test_gguf_path_resolves_to_the_converted_copy_of_the_same_content():
@@ -18,6 +19,21 @@ def test_gguf_path_resolves_to_the_converted_copy_of_the_same_content():
     assert resolve_model(str(gguf)) == folder
     assert {p.name for p in folder.iterdir()} >= {
         "config.json", "model.safetensors", "tokenizer.json", "generation_config.json"}
+
+
+def test_a_files_digest_is_kept_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"first")
+    assert _file_digest(model) == hashlib.sha256(b"first").hexdigest()[:16]
+    [record] = (tmp_path / "cache" / "digests").iterdir()
+    identity, _ = record.read_text().split("\n")
+    record.write_text(f"{identity}\nkept")  # what a start finds is what it answers
+    assert _file_digest(model) == "kept"
+    model.write_bytes(b"second")
+    assert _file_digest(model) == hashlib.sha256(b"second").hexdigest()[:16]
+    record.write_text("not a record")
+    assert _file_digest(model) == hashlib.sha256(b"second").hexdigest()[:16]
 
 
 def test_corrupt_gguf_is_an_error_and_leaves_nothing_behind(tmp_path, monkeypatch):
