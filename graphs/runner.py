@@ -29,6 +29,7 @@ from ..models.attention import SPLIT_OPS
 from ..models.cpu_attention import attends_in_compiled_code
 from ..models.cpu_packed_linear import pack_linear_weights
 from .buckets import decode_sizes, padded_size
+from .chain import LayerChain
 from .cuda_graph import CudaGraphs, StaticBuffers
 
 logger = logging.getLogger("kiln")
@@ -92,6 +93,11 @@ class GraphRunner:
         # layer -> its one-token call replayed (compiler/inductor.py's Replay), bound; None
         # where its call cannot be replayed
         self.replays: dict[torch.nn.Module, Callable | None] = {}
+        # layer -> its Replay, and whether a call with given args runs it on them as they are
+        self.recorded: dict[torch.nn.Module, tuple] = {}
+        self.chain: LayerChain | None = None
+        self.linking = True  # until a one-token step's calls were linked, or could not be
+        self.calls: list | None = None  # a one-token step's (layer, args, outputs), to link
         self.one_token = False  # whether `run` is running a one-token step
         self.input_ids = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
         self.positions = torch.zeros(sizes[-1], dtype=torch.int64, device=device)
@@ -129,8 +135,13 @@ class GraphRunner:
                 out = call(args)
             elif layer not in self.replays:
                 out = self._record(layer, args)
+            elif self.chain is not None and layer is self.chain.layers[0]:
+                out = self.chain.start(args)
             else:
-                out = (self.replays[layer] or call)(args)
+                ahead = self.chain.ran_ahead(layer, args) if self.chain is not None else None
+                out = ahead if ahead is not None else (self.replays[layer] or call)(args)
+            if self.calls is not None:
+                self.calls.append((layer, args, out))
             return out[0] if len(out) == 1 else tuple(out)
         self._inductor_ready()
         out = self.traced_layer(layer, *args)
@@ -163,6 +174,9 @@ class GraphRunner:
                      for a in replay.inputs]
             if None not in order:
                 self.replays[layer] = self.direct[layer].bind(layer, replay, order)
+                as_is = self.direct[layer].bind(
+                    layer, lambda *given: replay.copies(given) == [], order)
+                self.recorded[layer] = (replay, as_is)
         return returned
 
     def _compiled_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, **extra):
@@ -193,13 +207,28 @@ class GraphRunner:
         # One-token steps on CPU replay their layers' recorded calls, which write the same
         # tensors every step: what the model returns is copied out of them.
         one_token = self.one_token = size == 1 and self.device.type == "cpu"
+        if one_token and self.linking:
+            self.calls = []
         try:
             with attention_context(meta):
                 hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size],
                                                 **extra)
+            if self.calls:
+                self._link()
         finally:
             self.one_token = False
+            self.calls = None
+            if self.chain is not None:
+                self.chain.next = 0
         return hidden[:num_tokens].clone() if one_token else hidden[:num_tokens]
+
+    def _link(self) -> None:
+        """Chain this one-token step's layer calls (graphs/chain.py), once every layer was
+        recorded; where they cannot be chained, they keep replaying one by one."""
+        if any(layer not in self.replays for layer, _, _ in self.calls):
+            return  # a layer ran through Dynamo this step: recorded in the next one
+        self.chain = LayerChain.link(self.calls, self.recorded, self.replays)
+        self.linking = False
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the rows that sample. One row (batch-1 decode) runs the compiled

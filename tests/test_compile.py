@@ -215,8 +215,8 @@ def test_warm_start_runs_the_generated_code_without_inductor(tiny_llama, tmp_pat
 
 def test_one_token_steps_replay_each_layers_recorded_call(tiny_llama, tmp_path, reference):
     """Batch-1 decode steps on CPU record each layer's call of its generated code once and
-    then replay its kernels and ops on the same tensors, to transformers' tokens (the first
-    layer's input, made anew each step, is copied in)."""
+    then replay its kernels and ops on the same tensors, every layer's back to back, to
+    transformers' tokens (the first layer's input, made anew each step, is copied in)."""
     prompts, expected = reference
     llm = compiled_llm(tiny_llama[0], str(tmp_path / "cache"))
     runner = llm.engine.runner.graph_runner
@@ -231,6 +231,11 @@ def test_one_token_steps_replay_each_layers_recorded_call(tiny_llama, tmp_path, 
     assert torch.ops.kiln.paged_attention.default not in replayed
     assert sum(getattr(fn, "__qualname__", "").startswith("bind_recorded")
                for fn in replayed) == num_layers
+    # Every layer's call, chained: the first layer's call ran them all in every step after
+    # the one that recorded them (graphs/chain.py).
+    decode_steps = sum(len(tokens) - 1 for tokens in expected[:3])
+    assert runner.chain.layers == list(llm.engine.runner.model.model.layers)
+    assert runner.chain.num_runs == decode_steps - 1
     # Batches decode as compiled, beside the replays.
     outs = llm.generate(token_prompts(prompts[:6]), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:6]

@@ -1,12 +1,15 @@
-"""Bucket planning, and the static buffers a CUDA graph replays from (checked on the CPU:
-a decode batch copied into padded static buffers must give the same hidden states)."""
+"""Bucket planning, the static buffers a CUDA graph replays from (checked on the CPU: a
+decode batch copied into padded static buffers must give the same hidden states), and the
+chain of a one-token step's recorded layer calls."""
 
 import pytest
 import torch
 from conftest import random_prompts, tiny_llm
 
 from kiln import SamplingParams
+from kiln.compiler.inductor import Replay
 from kiln.graphs.buckets import decode_sizes, padded_size, plan_sizes
+from kiln.graphs.chain import LayerChain
 from kiln.graphs.cuda_graph import StaticBuffers
 from kiln.models import attention_context
 
@@ -42,3 +45,68 @@ def test_padded_static_buffers_reproduce_a_decode_step(tiny_llama):
     assert torch.equal(buffers.slot_mapping[3:8],
                        torch.full((5,), runner.sink_block * runner.block_size))
     engine.abort_all()
+
+
+def _recorded_layers(positions: torch.Tensor, count: int) -> list[Replay]:
+    """`count` layers recorded as a step would leave them: each (positions, hidden,
+    residual) -> (hidden + residual + positions, 2 hidden), the next taking those outputs."""
+    hidden, residual = torch.zeros(1, 4), torch.zeros(1, 4)
+    replays = []
+    for _ in range(count):
+        out = (torch.empty(1, 4), torch.empty(1, 4))
+        steps = [(torch.add, (hidden, residual), {}, out[0]),
+                 (torch.Tensor.add_, (out[0], positions), {}, None),
+                 (torch.mul, (hidden, 2.0), {}, out[1])]
+        replays.append(Replay(None, (positions, hidden, residual), steps, out))
+        hidden, residual = out
+    return replays
+
+
+def _expected(hidden, residual, positions, count):
+    for _ in range(count):
+        hidden, residual = hidden + residual + positions, 2 * hidden
+    return hidden, residual
+
+
+def test_a_chain_runs_every_layers_recorded_steps_at_the_first_call():
+    """graphs/chain.py: the first layer's call runs all layers; each later call given the
+    previous outputs returns its own; a call given anything else stops the chain there, and
+    the calls replay one by one."""
+    positions = torch.tensor([3.0])
+    replays = _recorded_layers(positions, 3)
+    layers = [torch.nn.Identity() for _ in replays]
+    recorded = {layer: (replay, lambda args, r=replay: r.copies(args) == [])
+                for layer, replay in zip(layers, replays)}
+    calls_of = {layer: (lambda args, r=replay: r(*args)) for layer, replay in
+                zip(layers, replays)}
+    hidden, residual = torch.randn(1, 4), torch.randn(1, 4)
+    calls, args = [], (positions, hidden, residual)
+    for layer in layers:  # a step replaying one layer at a time, as recorded
+        out = calls_of[layer](args)
+        calls.append((layer, args, out))
+        args = (positions, *out)
+    chain = LayerChain.link(calls, recorded, calls_of)
+    assert chain is not None and chain.layers == layers
+
+    hidden, residual = torch.randn(1, 4), torch.randn(1, 4)
+    out = chain.start((positions, hidden, residual))
+    for layer in layers[1:]:
+        out = chain.ran_ahead(layer, (positions, *out))
+    assert chain.next == 0 and chain.num_runs == 1
+    for got, want in zip(out, _expected(hidden, residual, positions, 3)):
+        torch.testing.assert_close(got, want)
+
+    out = chain.start((positions, hidden, residual))
+    other = (positions, out[0] + 1, out[1])  # not what the first layer returned
+    assert chain.ran_ahead(layers[1], other) is None and chain.next == 0
+    out = calls_of[layers[1]](other)
+    assert chain.ran_ahead(layers[2], (positions, *out)) is None
+    out = calls_of[layers[2]]((positions, *out))
+    for got, want in zip(out, _expected(other[1], other[2], positions, 2)):
+        torch.testing.assert_close(got, want)
+
+    # A later call that took a fresh tensor, or a layer called twice, cannot be chained.
+    fresh = [(layers[0], calls[0][1], calls[0][2]),
+             (layers[1], (positions, calls[0][2][0].clone(), calls[0][2][1]), calls[1][2])]
+    assert LayerChain.link(fresh, recorded, calls_of) is None
+    assert LayerChain.link(calls[:1] * 2, recorded, calls_of) is None
