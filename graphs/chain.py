@@ -3,7 +3,9 @@ on CPU, as a CUDA graph makes a step's kernels on the GPU.
 
 The model still calls each decoder layer with the outputs of the one before. The chain's
 first layer's call runs every layer's recorded kernels and ops; each later layer's call,
-given what the one before returned, returns what its own steps left. Between two layers'
+given what the one before returned, returns what its own steps left: the chain takes it
+that the model hands each layer's outputs to the next as they are, without writing into
+them, as kiln's decoder loops do; a call given other tensors stops it. Between two layers'
 kernels no Python runs, where otherwise the model's loop, the runner's dispatch and each
 replay's argument checks did, with every weight streaming through the caches in between
 (a few microseconds each with the caches hot, tens in a step). SmolLM2 batch-1 decode on
