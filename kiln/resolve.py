@@ -37,11 +37,11 @@ def _file_digest(path: Path) -> str:
         kept, digest = record.read_text().split("\n")
         if kept == identity:
             return digest
-    digest = hashlib.sha256()
+    content = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    digest = digest.hexdigest()[:16]
+            content.update(chunk)
+    digest = content.hexdigest()[:16]
     with contextlib.suppress(OSError):  # a read-only cache: hash again next time
         record.parent.mkdir(parents=True, exist_ok=True)
         partial = record.with_name(f"{name}.{os.getpid()}.tmp")
