@@ -143,6 +143,7 @@ class GraphRunner:
             if self.calls is not None:
                 self.calls.append((layer, args, out))
             return out[0] if len(out) == 1 else tuple(out)
+        self.calls = None  # a layer runs through Dynamo this step: link a later one
         self._inductor_ready()
         out = self.traced_layer(layer, *args)
         entry, inputs, outputs = self.backend.last_call
@@ -213,22 +214,15 @@ class GraphRunner:
             with attention_context(meta):
                 hidden = self._compiled_forward(self.input_ids[:size], self.positions[:size],
                                                 **extra)
-            if self.calls:
-                self._link()
+            if self.calls:  # every layer replayed or was recorded: chain them, or never
+                self.chain = LayerChain.link(self.calls, self.recorded, self.replays)
+                self.linking = False
         finally:
             self.one_token = False
             self.calls = None
             if self.chain is not None:
                 self.chain.next = 0
         return hidden[:num_tokens].clone() if one_token else hidden[:num_tokens]
-
-    def _link(self) -> None:
-        """Chain this one-token step's layer calls (graphs/chain.py), once every layer was
-        recorded; where they cannot be chained, they keep replaying one by one."""
-        if any(layer not in self.replays for layer, _, _ in self.calls):
-            return  # a layer ran through Dynamo this step: recorded in the next one
-        self.chain = LayerChain.link(self.calls, self.recorded, self.replays)
-        self.linking = False
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the rows that sample. One row (batch-1 decode) runs the compiled
