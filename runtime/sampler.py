@@ -38,8 +38,8 @@ def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int)
 
 
 @dataclass
-class SamplingBatch:
-    """Per-row sampling settings as tensors, built once per step from the requests."""
+class RandomSampling:
+    """Per-row settings of a batch where some row samples at random."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
@@ -47,8 +47,14 @@ class SamplingBatch:
     min_p: torch.Tensor
     seeds: torch.Tensor
     steps: torch.Tensor
-    is_all_greedy: bool
     needs_filter: bool
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as tensors, built once per step from the requests."""
+
+    random: RandomSampling | None  # None where every row is greedy (argmax reads nothing)
     penalties: tuple | None  # (presence, frequency, repetition, output_counts, seen_mask)
     blocked: tuple | None  # (rows, token ids) that may not be sampled (min_tokens, bad words)
     logit_bias: tuple | None  # (rows, token ids, values) added to the logits
@@ -64,7 +70,6 @@ class SamplingBatch:
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         penalties = None
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                for p in params):
@@ -103,20 +108,20 @@ class SamplingBatch:
         if allowed_rows:
             allowed = (column(allowed_rows, torch.int64), torch.stack(allowed_masks).to(device))
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        # Two tensors, not six: each costs its microseconds again in every decode step.
-        floats = column([(p.temperature, p.top_p, p.min_p) for p in params], torch.float32)
-        ints = column([(k, r.seed, r.num_output_tokens) for k, r in zip(top_k, requests)],
-                      torch.int64)
+        random = None
+        if not all(p.is_greedy for p in params):
+            top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+            # Two tensors, not six: each costs its microseconds again in every decode step.
+            floats = column([(p.temperature, p.top_p, p.min_p) for p in params], torch.float32)
+            ints = column([(k, r.seed, r.num_output_tokens) for k, r in zip(top_k, requests)],
+                          torch.int64)
+            random = RandomSampling(
+                temperature=floats[:, 0], top_p=floats[:, 1], top_k=ints[:, 0],
+                min_p=floats[:, 2], seeds=ints[:, 1], steps=ints[:, 2],
+                needs_filter=any(p.top_p < 1 or 1 < k < vocab_size or p.min_p > 0
+                                 for p, k in zip(params, top_k)))
         return cls(
-            temperature=floats[:, 0],
-            top_p=floats[:, 1],
-            top_k=ints[:, 0],
-            min_p=floats[:, 2],
-            seeds=ints[:, 1],
-            steps=ints[:, 2],
-            is_all_greedy=all(p.is_greedy for p in params),
-            needs_filter=any(p.top_p < 1 or 1 < k < vocab_size or p.min_p > 0
-                             for p, k in zip(params, top_k)),
+            random=random,
             penalties=penalties,
             blocked=(column(blocked_rows, torch.int64), column(blocked_ids, torch.int64))
             if blocked_rows else None,
@@ -187,13 +192,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if batch.blocked is not None:
         logits = logits.index_put(batch.blocked, torch.tensor(float("-inf")))
     tokens = logits.argmax(-1)
-    if not batch.is_all_greedy:
-        is_greedy = (batch.temperature == 0) | (batch.top_k == 1)
-        temperature = torch.where(is_greedy, 1.0, batch.temperature)
+    if batch.random is not None:
+        rows = batch.random
+        is_greedy = (rows.temperature == 0) | (rows.top_k == 1)
+        temperature = torch.where(is_greedy, 1.0, rows.temperature)
         scaled = logits / temperature[:, None]
-        if batch.needs_filter:
-            scaled = _filter(scaled, batch.top_k, batch.top_p, batch.min_p)
-        noise = exponential_noise(batch.seeds, batch.steps, logits.shape[-1])
+        if rows.needs_filter:
+            scaled = _filter(scaled, rows.top_k, rows.top_p, rows.min_p)
+        noise = exponential_noise(rows.seeds, rows.steps, logits.shape[-1])
         sampled = (scaled.softmax(-1) / noise).argmax(-1)
         tokens = torch.where(is_greedy, tokens, sampled)
     logprobs = None

@@ -46,7 +46,14 @@ def test_top_k_one_and_temperature_zero_equal_greedy(tiny_llama):
                                                          ignore_eos=True), use_tqdm=False))
     top1 = tokens(llm.generate(prompts, SamplingParams(temperature=1.3, top_k=1, max_tokens=8,
                                                        seed=5, ignore_eos=True), use_tqdm=False))
+    # Greedy rows in a batch whose other rows sample at random (a batch of greedy rows alone
+    # builds no random settings at all).
+    hot = SamplingParams(temperature=1.5, max_tokens=8, seed=6, ignore_eos=True)
+    mixed = tokens(llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=8,
+                                                         ignore_eos=True), hot] * 2,
+                                use_tqdm=False))
     assert greedy == top1
+    assert mixed[0::2] == greedy[0::2]
 
 
 def test_top_k_restricts_every_token_to_the_k_most_likely(tiny_llama):
