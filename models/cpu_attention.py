@@ -751,6 +751,28 @@ def _takes(q, k, v, kv_cache, out) -> bool:
         and out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
 
 
+class RecordedAttend:
+    """A recorded call of `kiln::paged_attention` made again by the op's kernel, which writes
+    the recorded result itself (see `bind_recorded`)."""
+
+    def __init__(self, op, args: tuple, result: torch.Tensor, call: _AttendCall):
+        self.op, self.args, self.result = op, args, result
+        self.call = call  # what the pointers in it name: held by `args` and `result`
+        self.attend, self.pointer = _kernel[0].attend_recorded, ctypes.byref(call)
+
+    def __call__(self) -> None:
+        failed = self.attend(self.pointer)
+        if failed == 2:  # not in a step the kernel takes: the dispatcher, as recorded
+            self.result.copy_(self.op(*self.args))
+        elif failed:
+            raise MemoryError("decode attention could not allocate its scratch memory")
+
+    def c_call(self) -> tuple[int, list[int]]:
+        """The kernel's C function and its argument, for a C loop of recorded steps
+        (graphs/chain.py): a call that returns nonzero is made again as `self()`."""
+        return ctypes.cast(self.attend, ctypes.c_void_p).value, [ctypes.addressof(self.call)]
+
+
 def bind_recorded(op, args: tuple, kwargs: dict, result) -> Callable[[], None] | None:
     """A recorded call of `kiln::paged_attention` (compiler/inductor.py's Replay) made again
     without the dispatcher: the kernel writes the recorded result itself, instead of a new
@@ -763,21 +785,11 @@ def bind_recorded(op, args: tuple, kwargs: dict, result) -> Callable[[], None] |
     q, k, v, kv_cache, scale, window = args
     if not _takes(q, k, v, kv_cache, result):
         return None
-    call = _AttendCall(
+    return RecordedAttend(op, args, result, _AttendCall(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         kv_cache.data_ptr(), kv_cache.stride(0), result.data_ptr(), q.shape[0], q.shape[1],
         kv_cache.shape[3], q.shape[2], kv_cache.shape[2], scale, window,
-        kv_cache.dtype == torch.float32)
-    attend, pointer = _kernel[0].attend_recorded, ctypes.byref(call)
-
-    def replay() -> None:
-        failed = attend(pointer)
-        if failed == 2:  # not in a step the kernel takes: the dispatcher, as recorded
-            result.copy_(op(*args))
-        elif failed:
-            raise MemoryError("decode attention could not allocate its scratch memory")
-
-    return replay  # holding `args` and, through `pointer`, `call`: what the pointers name
+        kv_cache.dtype == torch.float32))
 
 
 _kernel: list[DecodeKernel] = []  # one per process: a loaded library cannot be unloaded

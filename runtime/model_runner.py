@@ -14,6 +14,7 @@ import torch
 
 from ..compiler.cache import CompileCache
 from ..compiler.inductor import beside_inductor_start, keep_builds_in, start_inductor
+from ..graphs.chain import load_step_loop
 from ..graphs.runner import GraphRunner, start_key
 from ..models import AttentionMetadata, attention_context
 from ..models.cpu_attention import load_decode_kernel
@@ -88,6 +89,8 @@ class ModelRunner:
         logger.info("loaded %s (%s) in %.1f s", config.model.path, config.model.dtype,
                     time.perf_counter() - start)
         self.decode_kernel = None  # filled into each step's metadata (CPU only)
+        if self.device.type == "cpu" and not config.enforce_eager:
+            load_step_loop(config.kernel_dir)  # one-token steps run their layers' kernels in it
         if self.device.type == "cpu" and config.model.dtype in KERNEL_DTYPES:
             self.decode_kernel = load_decode_kernel(config.kernel_dir)
             if not config.enforce_eager and \

@@ -24,6 +24,7 @@ from kiln import LLM, SamplingParams
 from kiln.compiler.cache import CompileCache, UnsafeCacheDirError
 from kiln.compiler.inductor import _HEADER_PROBE
 from kiln.models import attention_context
+from kiln.models.cpu_attention import RecordedAttend
 
 SIZES = [1, 2, 4, 8, 16, 32]
 MAX_TOKENS = 12
@@ -229,13 +230,18 @@ def test_one_token_steps_replay_each_layers_recorded_call(tiny_llama, tmp_path, 
     replayed = [fn for bound in runner.replays.values() for fn, *_ in
                 bound.__globals__["run"].steps]
     assert torch.ops.kiln.paged_attention.default not in replayed
-    assert sum(getattr(fn, "__qualname__", "").startswith("bind_recorded")
-               for fn in replayed) == num_layers
+    assert sum(isinstance(fn, RecordedAttend) for fn in replayed) == num_layers
     # Every layer's call, chained: the first layer's call ran them all in every step after
-    # the one that recorded them (graphs/chain.py).
+    # the one that recorded them (graphs/chain.py), the later layers' kernels from one C loop.
     decode_steps = sum(len(tokens) - 1 for tokens in expected[:3])
     assert runner.chain.layers == list(llm.engine.runner.model.model.layers)
     assert runner.chain.num_runs == decode_steps - 1
+    assert runner.chain.loop is not None
+    # Outside a step the attention kernel declines its recorded call: the loop stops there
+    # and that step runs from Python, through the dispatcher, whose torch path then fails
+    # for want of a step's metadata.
+    with pytest.raises(RuntimeError, match="kiln::paged_attention_torch"):
+        runner.chain.loop.run()
     # Batches decode as compiled, beside the replays.
     outs = llm.generate(token_prompts(prompts[:6]), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[:6]
