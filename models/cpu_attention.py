@@ -346,16 +346,17 @@ static inline void touch_rows(const T* k, const T* v, int64_t slot, __m256* sink
 // then scored, and their values summed in with the softmax's running maximum and sum (a
 // query head's sums are rescaled when its maximum grows). The two-pass walk (all scores,
 // then all values) stalled on rows it had asked for too late: on the Zen 3 EPYC here, 64
-// sequences of 192 positions with the layer's cache cold took 1.12-1.43 ms instead of
-// 1.42-1.65 (five runs, 15 rounds of 30 layers each, alternating in one process; reading
-// the same rows and nothing else took 0.72-0.80). Same contract as `attend` from `where`
-// on; `scores`: rows * (kChunk + 2) floats of scratch. False where kDim does not allow it.
+// sequences of 192 positions with the layer's cache cold took 1.06-1.22 ms a layer instead
+// of 1.29-1.41 (four runs of 15 rounds over 30 layers' caches, alternating in one process;
+// reading the same rows and nothing else took 0.72-0.80), 128 positions 0.75 instead of
+// 0.92. Same contract as `attend` from `where` on, for a whole row (no `stats`); `scores`:
+// rows * (kChunk + 2) floats of scratch. False where kDim does not allow it.
 constexpr int kChunk = 16;
 template <int kDim, typename T>
 static inline bool attend_in_one_pass(const float* q, const T* k_cache, const T* v_cache,
                                       const int64_t* where, int64_t n, int64_t num_kv_heads,
                                       int64_t group, float scale, float* scores,
-                                      float* converted, float* out, float* stats) {
+                                      float* converted, float* out) {
 #if defined(KILN_ATTEND_AVX2)
   if constexpr (kDim > 0 && kDim % 32 == 0) {
     constexpr int G = 3;  // query heads at a time: 12 sum registers, 3 weights, 1 value
@@ -420,11 +421,6 @@ static inline bool attend_in_one_pass(const float* q, const T* k_cache, const T*
         _mm256_add_ps(_mm256_add_ps(sinks[0], sinks[1]), _mm256_add_ps(sinks[2], sinks[3])));
     (void)keep;
     for (int64_t r = 0; r < rows; ++r) {
-      if (stats != nullptr) {
-        stats[2 * r] = top[r];
-        stats[2 * r + 1] = total[r];
-        continue;
-      }
       const float inv = 1.f / total[r];
       for (int64_t d = 0; d < kDim; ++d) out[r * kDim + d] *= inv;
     }
@@ -439,8 +435,8 @@ static inline bool attend_in_one_pass(const float* q, const T* k_cache, const T*
 // (unrolled, vectorised loops); 0 takes it from `dim`. `where`, `converted`: scratch for
 // n offsets and 16 float rows. With `stats`, the output is left unnormalised and each
 // query head's largest score and sum of exponentials go to stats[2r], stats[2r+1] (one
-// part of a sequence split over positions, merged by `merge_parts`). `cold`: the cached
-// rows are likely in memory, not in the caches (`attend_in_one_pass`).
+// part of a sequence split over positions, merged by `merge_parts`). `cold` (never with
+// `stats`): the cached rows are likely in memory, not in the caches (`attend_in_one_pass`).
 template <int kDim, typename T>
 static void attend(const float* q, const T* k_cache, const T* v_cache,
                    const int64_t* table, int64_t start, int64_t n, int64_t block_size,
@@ -456,7 +452,7 @@ static void attend(const float* q, const T* k_cache, const T* v_cache,
     if (++o == block_size) o = 0, ++b;
   }
   if (cold && attend_in_one_pass<kDim>(q, k_cache, v_cache, where, n, num_kv_heads, group,
-                                       scale, scores, converted, out, stats))
+                                       scale, scores, converted, out))
     return;
   if (!scores_by_hand<kDim>(q, k_cache, where, n, num_kv_heads, group, scale, scores,
                            converted)) {
@@ -620,9 +616,10 @@ static int decode_attention(
         dest = parts > 1 ? partial + item * head_floats : acc;
       }
       // A decode's row is its sequence's only one in the step, and finds its cached rows in
-      // memory; a prefill chunk's rows share theirs, which the first one brought in. A row
-      // split over the threads (batch-1 decode) reads few rows a part: the two-pass walk
-      // took 17 us a layer there, the one-pass walk 19.
+      // memory; a prefill chunk's rows share theirs, which the first one brought in (with
+      // the one-pass walk, 16 prompts of 128 tokens took 9.7 ms a layer instead of 5.6). A
+      // row split over the threads (batch-1 decode) reads few rows a part: 17 us a layer
+      // with the two-pass walk, 19 with the one-pass one (one run).
       const bool cold = parts == 1 && (s == 0 || table_rows[s - 1] != table_rows[s]) &&
                         (s + 1 == num_seqs || table_rows[s + 1] != table_rows[s]);
       auto run = [&](auto kernel) {
