@@ -243,10 +243,12 @@ static inline bool scores_by_hand(const float* q, const T* k_cache, const int64_
 
 // out [rows, kDim] = the weights in `scores` times the values (rows at `where`), written out
 // for AVX-512: up to four query heads of one key/value head at a time, their sums held in
-// registers while every position's value row is read once for them.
+// registers while every position's value row is read once for them. `accumulate`: out +=
+// (a chunk's values added to the sums so far, `attend_in_one_pass`).
 template <int kDim, typename T>
 static inline bool values_by_hand(const float* scores, const T* v_cache, const int64_t* where,
-                                  int64_t n, int64_t num_kv_heads, int64_t group, float* out) {
+                                  int64_t n, int64_t num_kv_heads, int64_t group, float* out,
+                                  bool accumulate = false) {
 #if defined(__AVX512F__)
   if constexpr (kDim > 0 && kDim % 16 == 0) {
     constexpr int R = kDim / 16;
@@ -257,9 +259,12 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
       for (int64_t g0 = 0; g0 < group; g0 += G) {
         const int c = group - g0 < G ? static_cast<int>(group - g0) : G;
         const float* weights = scores + (h * group + g0) * n;
+        float* sums = out + (h * group + g0) * kDim;
         __m512 acc[G][R];
         for (int u = 0; u < G; ++u)
-          for (int j = 0; j < R; ++j) acc[u][j] = _mm512_setzero_ps();
+          for (int j = 0; j < R; ++j)
+            acc[u][j] = accumulate && u < c ? _mm512_loadu_ps(sums + u * kDim + 16 * j)
+                                            : _mm512_setzero_ps();
         for (int64_t i = 0; i < n; ++i) {
           // The whole row, every head's values, on the first head's pass: the later passes
           // find it in L2. 64 sequences of 192 positions with the cache cold: 0.56-0.59 ms
@@ -275,8 +280,7 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
           }
         }
         for (int u = 0; u < c; ++u)
-          for (int j = 0; j < R; ++j)
-            _mm512_storeu_ps(out + (h * group + g0 + u) * kDim + 16 * j, acc[u][j]);
+          for (int j = 0; j < R; ++j) _mm512_storeu_ps(sums + u * kDim + 16 * j, acc[u][j]);
       }
     }
     return true;
@@ -293,10 +297,13 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
       for (int64_t g0 = 0; g0 < group; g0 += G) {
         const int c = group - g0 < G ? static_cast<int>(group - g0) : G;
         const float* weights = scores + (h * group + g0) * n;
+        float* sums = out + (h * group + g0) * kDim;
         for (int d0 = 0; d0 < kDim; d0 += 32) {
           __m256 acc[G][4];
           for (int u = 0; u < G; ++u)
-            for (int j = 0; j < 4; ++j) acc[u][j] = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j)
+              acc[u][j] = accumulate && u < c ? _mm256_loadu_ps(sums + u * kDim + d0 + 8 * j)
+                                              : _mm256_setzero_ps();
           for (int64_t i = 0; i < n; ++i) {
             if (h == 0 && g0 == 0 && d0 == 0 && i + 16 < n)
               fetch_row(v_cache + where[i + 16], sizeof(T) * slot);
@@ -309,8 +316,7 @@ static inline bool values_by_hand(const float* scores, const T* v_cache, const i
             }
           }
           for (int u = 0; u < c; ++u)
-            for (int j = 0; j < 4; ++j)
-              _mm256_storeu_ps(out + (h * group + g0 + u) * kDim + d0 + 8 * j, acc[u][j]);
+            for (int j = 0; j < 4; ++j) _mm256_storeu_ps(sums + u * kDim + d0 + 8 * j, acc[u][j]);
         }
       }
     }
@@ -359,7 +365,6 @@ static inline bool attend_in_one_pass(const float* q, const T* k_cache, const T*
                                       float* converted, float* out) {
 #if defined(KILN_ATTEND_AVX2)
   if constexpr (kDim > 0 && kDim % 32 == 0) {
-    constexpr int G = 3;  // query heads at a time: 12 sum registers, 3 weights, 1 value
     const int64_t slot = num_kv_heads * kDim;
     const int64_t rows = num_kv_heads * group;
     float* top = scores + rows * kChunk;
@@ -390,32 +395,7 @@ static inline bool attend_in_one_pass(const float* q, const T* k_cache, const T*
           for (int64_t d = 0; d < kDim; ++d) out[r * kDim + d] *= rescale;
         }
       }
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
-        for (int64_t g0 = 0; g0 < group; g0 += G) {
-          const int c = group - g0 < G ? static_cast<int>(group - g0) : G;
-          const float* weights = scores + (h * group + g0) * m;
-          float* sums = out + (h * group + g0) * kDim;
-          for (int d0 = 0; d0 < kDim; d0 += 32) {
-            __m256 acc[G][4];
-            for (int u = 0; u < G; ++u)
-              for (int j = 0; j < 4; ++j)
-                acc[u][j] = u < c ? _mm256_loadu_ps(sums + u * kDim + d0 + 8 * j)
-                                  : _mm256_setzero_ps();
-            for (int p = 0; p < m; ++p) {
-              __m256 w[G];
-              for (int u = 0; u < G; ++u) w[u] = _mm256_set1_ps(u < c ? weights[u * m + p] : 0.f);
-              const T* vr = v_cache + where[i0 + p] + h * kDim + d0;
-              for (int j = 0; j < 4; ++j) {
-                const __m256 vj = load8(vr + 8 * j);
-                for (int u = 0; u < G; ++u) acc[u][j] = _mm256_fmadd_ps(w[u], vj, acc[u][j]);
-              }
-            }
-            for (int u = 0; u < c; ++u)
-              for (int j = 0; j < 4; ++j)
-                _mm256_storeu_ps(sums + u * kDim + d0 + 8 * j, acc[u][j]);
-          }
-        }
-      }
+      values_by_hand<kDim>(scores, v_cache, where + i0, m, num_kv_heads, group, out, true);
     }
     volatile float keep = _mm256_cvtss_f32(  // keeps the touching loads
         _mm256_add_ps(_mm256_add_ps(sinks[0], sinks[1]), _mm256_add_ps(sinks[2], sinks[3])));
