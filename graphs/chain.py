@@ -19,6 +19,7 @@ each, same tokens), forward median 14.35 / 14.37 / 13.92 ms against 14.57 / 14.5
 with the Python loop over the same steps."""
 
 import ctypes
+import functools
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -200,7 +201,12 @@ def _c_call(fn, args: tuple) -> tuple[int, bool, list[int]] | None:
             arguments.append(arg % 2**64)  # its two's complement bits
         else:
             return None
-    # The extension's own C function: Inductor's Python binding only reads each tensor's
-    # data pointer before calling it.
-    return ctypes.cast(ctypes.CDLL(module.__file__).kernel, ctypes.c_void_p).value, False, \
-        arguments
+    return _kernel_address(module.__file__), False, arguments
+
+
+@functools.cache
+def _kernel_address(path: str) -> int:
+    """The C function `kernel` of the Inductor extension at `path`: its Python binding only
+    reads each tensor's data pointer before calling it. Opened once per file, though every
+    layer's steps call the same few extensions."""
+    return ctypes.cast(ctypes.CDLL(path).kernel, ctypes.c_void_p).value
