@@ -95,17 +95,19 @@ ENGINES = {spec.name: spec for spec in [
                module="llama_cpp"),
 ]}
 
-def unusable_precision(spec: EngineSpec, matmul_flops: dict) -> str | None:
+def unusable_precision(spec: EngineSpec, matmul_flops: dict, packs_bfloat16: bool) -> str | None:
     """Why kiln at this precision is not worth running here: torch's CPU matmul in bfloat16
     can be a hundred times slower than in float32 (1 against 115 GFLOP/s on a machine
-    without native bfloat16 BLAS), and a run would take hours."""
-    if spec.family != "kiln" or spec.precision != "bfloat16":
+    without native bfloat16 BLAS), and a run would take hours, unless kiln multiplies
+    bfloat16 rows through float32 packed copies here (`packs_bfloat16`,
+    models/cpu_packed_linear.py)."""
+    if spec.family != "kiln" or spec.precision != "bfloat16" or packs_bfloat16:
         return None
     bf16, fp32 = matmul_flops["bfloat16"], matmul_flops["float32"]
     if bf16 >= fp32 / 10:
         return None
     return (f"torch's bfloat16 matmul measured {bf16 / 1e9:.1f} GFLOP/s here against "
-            f"{fp32 / 1e9:.0f} in float32")
+            f"{fp32 / 1e9:.0f} in float32, and torch has no oneDNN for kiln's packed copies")
 
 
 def machine_info() -> dict:
@@ -305,6 +307,11 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
                     "throughput_lens": sorted({len(p) for p in throughput})},
         "engines": {}, "skipped": {},
     }
+    import torch
+
+    from kiln.models.cpu_packed_linear import can_pack
+
+    packs_bfloat16 = can_pack(torch.device("cpu"), torch.bfloat16)
     runs = []
     for i, name in enumerate(engine_names, 1):
         spec = ENGINES[name]
@@ -312,7 +319,8 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
         if why is None and spec.family == "llama.cpp" and gguf is None:
             why = "llama.cpp needs a GGUF file; only the embedded default model has one"
         if why is None:
-            why = unusable_precision(spec, report["roofline"]["matmul_flops"])
+            why = unusable_precision(spec, report["roofline"]["matmul_flops"],
+                                     packs_bfloat16)
         label = f"[{i}/{len(engine_names)}] {name}"
         if why is not None:
             report["skipped"][name] = why

@@ -90,10 +90,13 @@ def cpu_passes(dtype=None) -> list[str]:
     in one process, same tokens; at 512-2048 rows MKL's x·Wᵀ ran SmolLM2's projections
     5-8 % faster than the packed product, and 64 prompts of 128 tokens prefilled in 13.3 s
     median against 14.6 with packed weights at every size, 3 alternating pairs of
-    processes, two runs each). In bfloat16 and on other CPUs: W·xᵀ, except in float32 on
-    AVX-512, where MKL ran x·Wᵀ faster (64 prompts x 64 new tokens on the Xeon of these
-    notes, in one process, alternating: 338-351 tok/s without the pass against 275-329
-    with it, same tokens; in bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
+    processes, two runs each). Several rows in bfloat16 on a CPU without bfloat16
+    instructions: the float32 packed copy at every size, since torch's own bfloat16 product
+    is the slow one there (models/cpu_packed_linear.py). In bfloat16 on CPUs with those
+    instructions and on other CPUs: W·xᵀ, except in float32 on AVX-512, where MKL ran x·Wᵀ
+    faster (64 prompts x 64 new tokens on the Xeon of these notes, in one process,
+    alternating: 338-351 tok/s without the pass against 275-329 with it, same tokens; in
+    bfloat16 oneDNN ran W·xᵀ faster, 680-893 against 627-755)."""
     import torch
 
     from ..models.cpu_packed_linear import can_pack
@@ -104,7 +107,7 @@ def cpu_passes(dtype=None) -> list[str]:
     passes = ["single_token_linear_as_row_kernel" if row_kernel
               else "single_token_linear_as_reduction"]
     packable = can_pack(torch.device("cpu"), dtype)
-    if avx512 and packable:
+    if packable and (avx512 or dtype == torch.bfloat16):
         passes.append("linear_with_packed_weights")
     elif capability == "AVX2" and packable:
         passes.append("few_rows_linear_with_packed_weights")

@@ -158,12 +158,12 @@ class LlamaForCausalLM(nn.Module):
         # took 14 ms, over rows 1 ms.
         if hidden.device.type != "cpu":
             return (weight @ hidden.T).T.float().contiguous()
-        # A float32 compiled model packed the matrix for oneDNN (models/cpu_packed_linear.py):
-        # on the Zen 3 EPYC of the README, 28.6 ms for 64 rows against 36.7 in slices below,
-        # 6.8 against 17.7 for 8.
+        # A compiled model packed the matrix for oneDNN (models/cpu_packed_linear.py): on the
+        # Zen 3 EPYC of the README, float32, 28.6 ms for 64 rows against 36.7 in slices
+        # below, 6.8 against 17.7 for 8.
         packed = linear_with_packed_copy(hidden, weight)
         if packed is not None:
-            return packed
+            return packed.float()
         # Otherwise in slices of the vocabulary, each copied while it is still in cache: for
         # SmolLM2 (49152 x 576) in decode steps, median 19.5 ms instead of 26.1 for 16 rows
         # and 43.3 instead of 51.2 for 64 (one 12.6 MB copy cost about 8 ms of those).

@@ -1,6 +1,5 @@
 """The engine's configuration tree: one dataclass per concern, each checked when built."""
 
-import functools
 import importlib.metadata
 import logging
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ import torch
 
 from ..compiler.config import CompilationConfig
 from ..graphs.buckets import plan_sizes
+from ..models.cpu_packed_linear import cpu_has_native_bf16
 
 logger = logging.getLogger("kiln")
 
@@ -18,15 +18,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16, "half": torch.float16,
 }
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype,

@@ -678,28 +678,36 @@ def test_a_compile_whose_vector_isa_was_rejected_runs_again_untrusted(monkeypatc
         assert inductor_config.cpp.vec_isa_ok is None
 
 
-@pytest.mark.parametrize("capability,dtype,row_kernel,weight_times_input", [
-    ("AVX512", torch.float32, True, False),  # MKL ran x·Wᵀ faster there in float32
-    ("AVX512", torch.bfloat16, True, True),
-    ("AVX2", torch.float32, False, False),  # oneDNN with packed weights instead
-    ("AVX2", torch.bfloat16, True, True),  # the row kernel's AVX2 path, bfloat16 only
-    ("AVX2", None, False, True),
-    ("AVX512", None, True, True),  # dtype not known: as before
+@pytest.mark.parametrize("capability,dtype,native_bf16,row_kernel,weight_times_input", [
+    ("AVX512", torch.float32, True, True, False),  # MKL ran x·Wᵀ faster there in float32
+    ("AVX512", torch.bfloat16, True, True, True),
+    ("AVX512", torch.bfloat16, False, True, False),  # float32 packed copies instead
+    ("AVX2", torch.float32, False, False, False),  # oneDNN with packed weights instead
+    ("AVX2", torch.bfloat16, False, True, False),  # the row kernel's AVX2 path, bfloat16 only
+    ("AVX2", None, False, False, True),
+    ("AVX512", None, True, True, True),  # dtype not known: as before
 ])
 def test_cpu_default_passes_follow_the_cpu_and_the_dtype(monkeypatch, capability, dtype,
-                                                         row_kernel, weight_times_input):
+                                                         native_bf16, row_kernel,
+                                                         weight_times_input):
     from kiln.compiler.config import CompilationConfig
+    from kiln.models import cpu_packed_linear
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(cpu_packed_linear, "cpu_has_native_bf16", lambda: native_bf16)
     passes = CompilationConfig().for_device("cpu", dtype).passes
     assert ("single_token_linear_as_row_kernel" in passes) == row_kernel
     assert ("single_token_linear_as_reduction" in passes) != row_kernel
     assert ("linear_as_weight_times_input" in passes) == weight_times_input
-    # float32: oneDNN with packed weights for several rows (on AVX2 up to 256 of them)
-    packed = "linear_with_packed_weights" if capability == "AVX512" \
-        else "few_rows_linear_with_packed_weights"
-    assert packed in passes if dtype == torch.float32 else not {
-        "linear_with_packed_weights", "few_rows_linear_with_packed_weights"} & set(passes)
+    # oneDNN with packed weights for several rows: float32 (on AVX2 up to 256 rows), and
+    # bfloat16 without bfloat16 instructions (float32 copies, every row count)
+    if dtype == torch.float32 and capability == "AVX2":
+        assert "few_rows_linear_with_packed_weights" in passes
+    elif dtype == torch.float32 or (dtype == torch.bfloat16 and not native_bf16):
+        assert "linear_with_packed_weights" in passes
+    else:
+        assert not {"linear_with_packed_weights",
+                    "few_rows_linear_with_packed_weights"} & set(passes)
     assert CompilationConfig(passes=[]).for_device("cpu", dtype).passes == []  # the user's win
     assert CompilationConfig().for_device("cuda", dtype).passes == []
 
