@@ -28,15 +28,14 @@ from torch import fx
 from torch.fx.passes.split_module import split_module
 
 from ..models.attention import SPLIT_OPS
-from ..models.cpu_attention import attention_c_shims, bind_recorded
-from ..models.cpu_linear import linear_c_shims
+from ..models.cpu_attention import bind_recorded
+from ..models.cpu_linear import bind_recorded_row
 from . import passes as passes_module
 from .cache import CompileCache
 from .config import CompilationConfig
 from .inductor import (
     DirectArtifact,
     builds_in,
-    c_shim_wrapper,
     compile_piece,
     direct_form,
     graph_input_sources,
@@ -54,26 +53,13 @@ from .passes import (
 _PASSES_SOURCE = hashlib.sha256(Path(passes_module.__file__).read_bytes()).hexdigest()
 
 
-def _row_kernel_wrapper(device_type: str) -> dict:
-    """A one-token piece's Python wrapper code cost about 42 us a layer of SmolLM2's
-    structure here (width 64), about 12 of it in calls of kiln's kernels through the
-    dispatcher; C++ wrapper code that calls their C shims instead took 32 us, and a SmolLM2
-    batch-1 step 0.25-0.4 ms less (float32, bfloat16; alternating in one process, same
-    tokens), and compiles about as fast (the piece's kernels build as one library). The
-    kernels and their shims are CPU code: pieces on another device keep the Python
-    wrapper."""
-    if device_type != "cpu":
-        return {}
-    return c_shim_wrapper({**linear_c_shims(), **attention_c_shims()})
-
-
 # kiln's passes: name -> (whether it applies to a piece compiled for this many tokens, pass,
 # Inductor settings for the pieces it applies to, given their device type; the user's
 # inductor_options win).
 PASSES = {
     "single_token_linear_as_row_kernel": (lambda size: size == 1,
                                           single_token_linear_as_row_kernel,
-                                          _row_kernel_wrapper),
+                                          lambda device_type: {}),
     "single_token_linear_as_reduction": (lambda size: size == 1,
                                          single_token_linear_as_reduction,
                                          lambda device_type: SINGLE_TOKEN_INDUCTOR_OPTIONS),
@@ -87,6 +73,13 @@ PASSES = {
 }
 
 logger = logging.getLogger("kiln")
+
+
+def _bind_recorded(op, args: tuple, kwargs: dict, result):
+    """A recorded call of one of kiln's CPU kernels' ops made again by the kernel itself,
+    writing the recorded result in place; None for other calls."""
+    return bind_recorded(op, args, kwargs, result) or \
+        bind_recorded_row(op, args, kwargs, result)
 
 
 def uses_packed_weights(passes: list[str]) -> bool:
@@ -210,7 +203,7 @@ class Piece(torch.nn.Module):
             fn = self.compiled[size] = self.backend.artifact_for(self, size, list(args))
         if self.backend.recorded is not None:  # see GraphRunner: one layer's call, recorded
             if isinstance(fn, DirectArtifact):
-                out, replay = fn.record(list(args), bind_recorded)
+                out, replay = fn.record(list(args), _bind_recorded)
             else:
                 out, replay = fn(*args), None
             self.backend.recorded.append(replay)

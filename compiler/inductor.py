@@ -43,39 +43,6 @@ def _standalone_compile(gm, example_inputs, options: dict, dynamic: bool):
         options={"config_patches": dict(options)})
 
 
-class _OpName(str):
-    """An op as a key of Inductor's `custom_ops_to_c_shims`, which Inductor looks ops up in:
-    equal to the op and hashed like it, but pickled as the op's name, so that the settings
-    still make a cache key (an op itself does not pickle, and without a key Inductor
-    neither caches nor saves the artifact)."""
-
-    def __new__(cls, op):
-        name = super().__new__(cls, str(op))
-        name.op = op
-        return name
-
-    def __hash__(self) -> int:
-        return hash(self.op)
-
-    def __eq__(self, other) -> bool:
-        return other is self.op or str.__eq__(self, other)
-
-    def __reduce__(self):
-        return str, (str(self),)
-
-
-def c_shim_wrapper(shims: dict) -> dict:
-    """Inductor settings for C++ wrapper code (instead of Python) that calls each custom op
-    in `shims` (op -> the declaration of its C shim, `aoti_torch_<device>_<op name>`)
-    directly; {} without shims, where the wrapper would call every custom op through the
-    dispatcher by name (measured slower than the Python wrapper here)."""
-    if not shims:
-        return {}
-    return {"cpp_wrapper": True,
-            "aot_inductor.custom_ops_to_c_shims": {_OpName(op): [declaration]
-                                                   for op, declaration in shims.items()}}
-
-
 def unknown_inductor_options(options: dict) -> list[str]:
     """The names in `options` that are not Inductor config settings."""
     import torch._inductor.config as inductor_config

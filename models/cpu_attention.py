@@ -52,8 +52,6 @@ from . import attention  # noqa: F401  defines kiln::paged_attention, whose CPU 
 from .cpu_build import (
     KERNEL_DTYPES,
     NEW_TENSOR,
-    SHIM_HELPERS,
-    c_shim,
     entry_points,
     load_library,
 )
@@ -683,7 +681,7 @@ extern "C" void kiln_attention_step(const int64_t* slots, const int64_t* block_t
 
 using c10::ScalarType;
 using torch::stable::Tensor;
-""" + NEW_TENSOR + SHIM_HELPERS + r"""
+""" + NEW_TENSOR + r"""
 
 // [T, H, D] with each row's heads contiguous: the layout the kernel reads.
 static bool rows_of_heads(const Tensor& x, ScalarType dtype) {
@@ -761,12 +759,6 @@ extern "C" int kiln_attend_recorded(const AttendCall* a) {
   return attend_call(a);
 }
 """
-C_SHIM = ("AOTITorchError aoti_torch_cpu_paged_attention(AtenTensorHandle q, AtenTensorHandle k, "
-          "AtenTensorHandle v, AtenTensorHandle kv_cache, double scale, int64_t sliding_window, "
-          "AtenTensorHandle* ret)")
-SOURCE += c_shim(C_SHIM, "kiln::paged_attention",
-                 "paged_attention_cpu(borrowed(q), borrowed(k), borrowed(v), borrowed(kv_cache), "
-                 "scale, sliding_window)")
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -915,11 +907,6 @@ def load_decode_kernel(build_dir: Path) -> DecodeKernel | None:
             return None
         _kernel.append(DecodeKernel(library))
     return _kernel[0]
-
-
-def attention_c_shims() -> dict:
-    """`kiln::paged_attention` -> its C shim's declaration, once the kernel is loaded."""
-    return {torch.ops.kiln.paged_attention.default: C_SHIM} if _kernel else {}
 
 
 def attends_in_compiled_code(device: torch.device, dtype: torch.dtype) -> bool:

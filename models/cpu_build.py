@@ -62,7 +62,7 @@ static inline float sum8(__m256 v) {
 """
 
 # For kernels registered through torch's stable C interface, after its headers: a new
-# contiguous tensor from the C shim's own allocation. `torch::stable::new_empty` and
+# contiguous tensor from the op kernel's own allocation. `torch::stable::new_empty` and
 # `contiguous` call the dispatcher by the op's name, which cost `kiln::linear_row` about
 # 2 us of its 4 a call here (121 calls a SmolLM2 decode step).
 NEW_TENSOR = r"""
@@ -86,39 +86,6 @@ static torch::stable::Tensor new_contiguous(const torch::stable::Tensor& like,
   return torch::stable::Tensor(out);
 }
 """
-
-# For kernels registered through torch's stable C interface: an op's C shim, the function
-# Inductor's C++ wrapper code calls directly instead of going through the dispatcher by the
-# op's name (compiler/inductor.py, `c_shim_wrapper`). It returns the op's result as a new
-# handle, or reports the kernel's error on stderr and returns a failure, which the wrapper
-# code raises. `c_shim` writes one out.
-SHIM_HELPERS = r"""
-#include <cstdio>
-#include <exception>
-static torch::stable::Tensor borrowed(AtenTensorHandle h) {  // the caller keeps `h`
-  AtenTensorHandle own;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_new_tensor_handle(h, &own));
-  return torch::stable::Tensor(own);
-}
-template <typename F>
-static AOTITorchError shim_call(const char* op, AtenTensorHandle* ret, F&& run) {
-  try {
-    torch::stable::Tensor y = run();
-    return aoti_torch_new_tensor_handle(y.get(), ret);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: %s\n", op, e.what());
-    return AOTI_TORCH_FAILURE;
-  }
-}
-"""
-
-
-def c_shim(declaration: str, op: str, body: str) -> str:
-    """C++ defining the C shim `declaration` (its result parameter named `ret`): `body` is
-    an expression giving the op's result Tensor."""
-    return (f'extern "C" {declaration} {{\n'
-            f'  return shim_call("{op}", ret, [&] {{ return {body}; }});\n}}\n')
-
 
 COMPILER = "g++"
 # fast-math lets the compiler vectorise dot products, sums and exponentials (2x here); the
@@ -170,10 +137,7 @@ def load_library(name: str, source: str, build_dir: Path, fallback: str,
     there yet (`torch_op`: with torch's headers and library); None, with a warning naming
     `fallback`, when it cannot be built or loaded."""
     try:
-        # A torch op's library is loaded global: the C++ wrapper code Inductor builds into
-        # libraries of its own finds the op's C shim by name only there.
-        return ctypes.CDLL(str(_build(name, NUMBERS + source, build_dir, torch_op)),
-                           mode=os.RTLD_GLOBAL if torch_op else os.RTLD_LOCAL)
+        return ctypes.CDLL(str(_build(name, NUMBERS + source, build_dir, torch_op)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         logger.warning("CPU %s kernel unavailable (%s); using %s", name.replace("_", " "),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cpu_build import NEW_TENSOR, SHIM_HELPERS, c_shim, load_library
+from .cpu_build import NEW_TENSOR, load_library
 
 SOURCE = r"""
 #include <algorithm>
@@ -182,7 +182,7 @@ static void linear_row(const T* x, const T* w, T* y, int64_t n, int64_t k, int n
 
 using c10::ScalarType;
 using torch::stable::Tensor;
-""" + NEW_TENSOR + SHIM_HELPERS + r"""
+""" + NEW_TENSOR + r"""
 
 // x [..., K] holding one row, weight [N, K] -> [..., N]; what the kernel does not take
 // (other dtypes, more rows, a strided weight) runs F.linear's own matmul.
@@ -212,10 +212,21 @@ static Tensor linear_row_cpu(Tensor x, Tensor weight) {
 }
 
 STABLE_TORCH_LIBRARY_IMPL(kiln, CPU, m) { m.impl("linear_row", TORCH_BOX(&linear_row_cpu)); }
+
+// A recorded call of the op (models/cpu_linear.py, `bind_recorded_row`) made again on the
+// recorded tensors, the result written in place: no dispatcher, no new tensor.
+struct RowCall { const void* x; const void* w; void* y; int64_t n, k, threads, is_float; };
+extern "C" int linear_row_recorded(const RowCall* c) {
+  if (c->is_float) {
+    linear_row(static_cast<const float*>(c->x), static_cast<const float*>(c->w),
+               static_cast<float*>(c->y), c->n, c->k, static_cast<int>(c->threads));
+  } else {
+    linear_row(static_cast<const uint16_t*>(c->x), static_cast<const uint16_t*>(c->w),
+               static_cast<uint16_t*>(c->y), c->n, c->k, static_cast<int>(c->threads));
+  }
+  return 0;
+}
 """
-C_SHIM = ("AOTITorchError aoti_torch_cpu_linear_row(AtenTensorHandle x, AtenTensorHandle weight, "
-          "AtenTensorHandle* ret)")
-SOURCE += c_shim(C_SHIM, "kiln::linear_row", "linear_row_cpu(borrowed(x), borrowed(weight))")
 
 _LIB = torch.library.Library("kiln", "FRAGMENT")
 _LIB.define("linear_row(Tensor x, Tensor weight) -> Tensor")
@@ -232,13 +243,55 @@ def load_linear_kernel(build_dir: Path) -> bool:
         library = load_library("linear_row", SOURCE, build_dir, "F.linear", torch_op=True)
         if library is None:
             return False
+        library.linear_row_recorded.restype = ctypes.c_int
+        library.linear_row_recorded.argtypes = [ctypes.c_void_p]
         _library.append(library)
     return True
 
 
-def linear_c_shims() -> dict:
-    """`kiln::linear_row` -> its C shim's declaration, once the kernel is loaded."""
-    return {torch.ops.kiln.linear_row.default: C_SHIM} if _library else {}
+class _RowCall(ctypes.Structure):  # the C struct RowCall
+    _fields_ = [("x", ctypes.c_void_p), ("w", ctypes.c_void_p), ("y", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("threads", ctypes.c_int64),
+                ("is_float", ctypes.c_int64)]
+
+
+class RecordedRow:
+    """A recorded call of `kiln::linear_row` made again by its kernel, which writes the
+    recorded result itself (see `bind_recorded_row`)."""
+
+    def __init__(self, args: tuple, result: torch.Tensor, call: _RowCall):
+        self.args, self.result = args, result  # what the pointers in `call` name
+        self.call = call
+        self.run, self.pointer = _library[0].linear_row_recorded, ctypes.byref(call)
+
+    def __call__(self) -> None:
+        self.run(self.pointer)
+
+    def c_call(self) -> tuple[int, list[int]]:
+        """The kernel's C function and its argument, for a C loop of recorded steps
+        (graphs/chain.py)."""
+        return ctypes.cast(self.run, ctypes.c_void_p).value, [ctypes.addressof(self.call)]
+
+
+def bind_recorded_row(op, args: tuple, kwargs: dict, result) -> RecordedRow | None:
+    """A recorded call of `kiln::linear_row` (compiler/inductor.py's Replay) made again
+    without the dispatcher and without a new result tensor to copy, so that a one-token
+    step's layers run from one C loop (graphs/chain.py); None for other ops, and where the
+    kernel would not take these tensors as they are."""
+    if not _library or op is not torch.ops.kiln.linear_row.default or kwargs or \
+            len(args) != 2 or not isinstance(result, torch.Tensor):
+        return None
+    x, weight = args
+    dtype = x.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or weight.dtype != dtype or \
+            weight.dim() != 2 or not weight.is_contiguous() or not x.is_contiguous() or \
+            x.numel() != weight.shape[1] or result.dtype != dtype or \
+            not result.is_contiguous() or result.numel() != weight.shape[0] or \
+            x.device.type != "cpu":
+        return None
+    return RecordedRow(args, result, _RowCall(
+        x.data_ptr(), weight.data_ptr(), result.data_ptr(), weight.shape[0], weight.shape[1],
+        torch.get_num_threads(), dtype == torch.float32))
 
 
 @torch.library.register_fake("kiln::linear_row")

@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from kiln.compiler.cache import CompileCache, UnsafeCacheDirError
 from kiln.compiler.inductor import _HEADER_PROBE
 from kiln.models import attention_context
 from kiln.models.cpu_attention import RecordedAttend
+from kiln.models.cpu_linear import RecordedRow
 
 SIZES = [1, 2, 4, 8, 16, 32]
 MAX_TOKENS = 12
@@ -414,29 +414,31 @@ def test_single_token_pass_calls_the_row_kernel_for_every_linear(tiny_llama, tmp
     assert seen == [(4, 4, 0, 4)]
 
 
-def test_one_token_pieces_call_the_kernels_c_shims_from_cpp_code(tiny_llama, tmp_path,
-                                                                 reference):
-    """With kiln's CPU kernels loaded, a one-token piece's wrapper code is C++ that calls
-    `kiln::linear_row` and `kiln::paged_attention` through their C shims (not Python, not the
-    dispatcher by name), follows transformers, and is saved for the next process. The row
-    kernel's pass is named: it is not the float32 default on every CPU (`cpu_passes`)."""
+def test_one_token_pieces_replay_the_row_kernel_from_the_step_loop(tiny_llama, tmp_path,
+                                                                   reference):
+    """With the row kernel's pass, a one-token step's recorded `kiln::linear_row` calls are
+    made again by the kernel on the recorded tensors (not the dispatcher), so every later
+    layer's steps run from one C loop; the tokens follow transformers, and the next process
+    runs the saved pieces without Inductor. The pass is named: it is not the float32
+    default on every CPU (`cpu_passes`)."""
     prompts, expected = reference
     cache = tmp_path / "cache"
     compilation = {"sizes": [1, 32], "passes": ["single_token_linear_as_row_kernel"]}
-    llm = compiled_llm(tiny_llama[0], str(cache), compilation=compilation)
-    backend = llm.engine.runner.graph_runner.backend
-    assert backend._inductor_options(1, [torch.ones(1)])["cpp_wrapper"] is True
-    # The kernels are CPU code: a piece on another device keeps the Python wrapper.
-    assert "cpp_wrapper" not in backend._inductor_options(1, [torch.ones(1, device="meta")])
-    outs = llm.generate(token_prompts(prompts[:2]), GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected[:2]
-    builds = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # the run's (conftest.py)
-    calls = "".join(text for p in builds.rglob("*.main.cpp")
-                    if "inductor_entry_impl" in (text := p.read_text()))
-    assert "aoti_torch_cpu_linear_row(" in calls and "aoti_torch_cpu_paged_attention(" in calls
-    assert "call_dispatcher" not in calls and "proxy_executor" not in calls
-    assert counters(compiled_llm(tiny_llama[0], str(cache),
-                                 compilation=compilation)).num_compiles == 0
+    for run in range(2):
+        llm = compiled_llm(tiny_llama[0], str(cache), compilation=compilation)
+        for prompt, tokens in zip(prompts[:2], expected[:2]):  # batch-1 decode
+            out = llm.generate(token_prompts([prompt]), GREEDY, use_tqdm=False)
+            assert out[0].outputs[0].token_ids == tokens
+        runner = llm.engine.runner.graph_runner
+        replayed = [fn for bound in runner.replays.values() for fn, *_ in
+                    bound.__globals__["run"].steps]
+        assert torch.ops.kiln.linear_row.default not in replayed
+        num_layers = len(llm.engine.runner.model.model.layers)
+        assert sum(isinstance(fn, RecordedRow) for fn in replayed) == 4 * num_layers
+        assert runner.chain.loop is not None and runner.chain.num_runs > 0
+        if run == 1:
+            c = counters(llm)
+            assert c.num_compiles == 0 and c.num_direct_loads > 0
 
 
 def test_few_rows_pass_puts_the_weight_first_in_every_linear(tiny_llama):

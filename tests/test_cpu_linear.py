@@ -68,3 +68,23 @@ def test_what_the_kernel_does_not_take_runs_f_linear():
     assert torch.equal(torch.ops.kiln.linear_row(x, wt), F.linear(x, wt))
     h, wh = x.half(), w.half()
     assert torch.equal(torch.ops.kiln.linear_row(h, wh), F.linear(h, wh))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_recorded_call_is_made_again_on_the_recorded_tensors(dtype):
+    """`bind_recorded_row`: the kernel writes the recorded result in place, from what the
+    recorded input holds when it runs; calls it could not take as they are stay with the
+    dispatcher."""
+    from kiln.models.cpu_linear import bind_recorded_row
+
+    op = torch.ops.kiln.linear_row.default
+    x, w = torch.randn(1, 576).to(dtype), torch.randn(1536, 576).to(dtype)
+    result = op(x, w)
+    again = bind_recorded_row(op, (x, w), {}, result)
+    x.copy_(torch.randn(1, 576))  # a later step's input, written in place
+    result.zero_()
+    again()
+    assert torch.equal(result, op(x, w))
+    assert bind_recorded_row(op, (torch.randn(576, 2)[:, :1].t(), w), {}, result) is None
+    assert bind_recorded_row(op, (x, w.t()), {}, result) is None
+    assert bind_recorded_row(torch.ops.aten.mm.default, (x, w), {}, result) is None
