@@ -83,7 +83,9 @@ def cpu_passes(dtype=None) -> list[str]:
     where it was measured faster, Inductor's reduction elsewhere. The row kernel: on AVX-512
     (the Xeon and Zen 4 EPYC of earlier notes), and in bfloat16 on AVX2 (the Zen 3 EPYC
     here, batch-1 decode in one process, 8 alternating rounds: 63.5 tok/s median against
-    57.2, faster in every round, same tokens; in float32 38.9 against 41.1, so not there).
+    57.2, faster in every round, same tokens; in float32 38.9 against 41.1, and once the
+    kernel read each row in address order 35.3-38.7 against 35.5-39.9 in three alternating
+    pairs of processes, same tokens, so not there).
     Several rows in float32: oneDNN with packed weights (models/cpu_packed_linear.py) on
     AVX-512 (the Zen 4 EPYC); on AVX2 for up to 256 rows only (the Zen 3 EPYC: 64 prompts
     x 128 new tokens ran at 189-211 tok/s against 177-189 with W·xᵀ, 3 alternating rounds

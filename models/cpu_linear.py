@@ -10,9 +10,10 @@ one instruction, and asks for rows two groups ahead, into L2, before it needs th
 float32, 7-11 in bfloat16), and 41-47 GB/s in float32, 40-43 in bfloat16 on the Zen 4
 EPYC here. Batch-1 decode steps on the Xeon, in one process, alternating with the
 reduction: 28-30 against 20-22 ms in bfloat16, 39-44 against 31-41 ms in float32, same
-greedy tokens. On AVX2 the same four-row walk, eight columns a register with bfloat16
-widened by a shift, made bfloat16 batch-1 decode 11 % faster on the Zen 3 EPYC here
-(compiler/config.py says where it is the default).
+greedy tokens. On AVX2 each row of a group is read in address order, one after another,
+eight columns a register with bfloat16 widened by a shift; on the Zen 3 EPYC here that
+made bfloat16 batch-1 decode 1.27x as fast as the four rows side by side (see
+`dot4_avx2`; compiler/config.py says where the kernel is the default).
 
 `kiln::linear_row` is an ordinary torch op, so a compiled piece calls it between the
 kernels Inductor fuses around it (RMSNorm before, SiLU·mul or rotary after). Its CPU
@@ -30,7 +31,7 @@ from .cpu_build import NEW_TENSOR, load_library
 SOURCE = r"""
 #include <algorithm>
 #include <vector>
-#if defined(__AVX512F__) || defined(KILN_AVX2)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 
 // Asks for the 64 bytes at column i of the four rows that start at `next` (those of a later
@@ -54,23 +55,31 @@ static inline void sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* s) {
   s[3] = _mm512_reduce_add_ps(a3);
 }
 #elif defined(KILN_AVX2)
-// Four rows' dot products with xs (x in float) on AVX2, 16 columns a step, two sums a row so
-// that the four rows keep eight multiply-adds in flight; each row's cache line is asked for
-// once (16 float32 columns, or every other step's 32 bfloat16 ones).
+// Four rows' dot products with xs (x in float) on AVX2: one row after another, each read in
+// address order, 32 columns a step in four sums, asking for the line 1 KiB ahead. On the
+// Zen 3 EPYC here, walking the four rows side by side instead (16 columns a step, the rows
+// two groups on fetched into L2) streamed bfloat16 weights at about 15 GB/s on two cores
+// against 17 this way (a C++ loop over SmolLM2's matrices), and bfloat16 batch-1 decode of
+// SmolLM2 ran at 53.6 tokens/s against 68.1 this way (medians of 8 alternating rounds of
+// 200 tokens in one process, faster in every round).
 template <typename T>
-static inline bool dot4_avx2(const float* xs, const T* w, int64_t k, float* s, const T* next) {
-  if (k % 32 != 0) return false;
-  __m256 a[8];
-  for (auto& v : a) v = _mm256_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    if (sizeof(T) == 4 || i % 32 == 0) fetch_ahead(next, k, i);
-    const __m256 x0 = _mm256_loadu_ps(xs + i), x1 = _mm256_loadu_ps(xs + i + 8);
-    for (int r = 0; r < 4; ++r) {
-      a[2 * r] = _mm256_fmadd_ps(x0, load8(w + r * k + i), a[2 * r]);
-      a[2 * r + 1] = _mm256_fmadd_ps(x1, load8(w + r * k + i + 8), a[2 * r + 1]);
-    }
+static inline float dot1_avx2(const float* xs, const T* w, int64_t k) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < k; i += 32) {
+    for (size_t b = 0; b < 32 * sizeof(T); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + b + 1024, _MM_HINT_T0);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + i), load8(w + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + i + 8), load8(w + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + i + 16), load8(w + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xs + i + 24), load8(w + i + 24), a3);
   }
-  for (int r = 0; r < 4; ++r) s[r] = sum8(_mm256_add_ps(a[2 * r], a[2 * r + 1]));
+  return sum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+template <typename T>
+static inline bool dot4_avx2(const float* xs, const T* w, int64_t k, float* s) {
+  if (k % 32 != 0) return false;
+  for (int r = 0; r < 4; ++r) s[r] = dot1_avx2(xs, w + r * k, k);
   return true;
 }
 #endif
@@ -95,7 +104,7 @@ static inline bool dot4_by_hand(const float* x, const float* xs, const float* w,
   sum4(a0, a1, a2, a3, s);
   return true;
 #elif defined(KILN_AVX2)
-  return dot4_avx2(xs, w, k, s, next);
+  return dot4_avx2(xs, w, k, s);
 #else
   return false;
 #endif
@@ -120,7 +129,7 @@ static inline bool dot4_by_hand(const uint16_t* x, const float* xs, const uint16
   sum4(a0, a1, a2, a3, s);
   return true;
 #elif !defined(__AVX512F__) && defined(KILN_AVX2)
-  return dot4_avx2(xs, w, k, s, next);
+  return dot4_avx2(xs, w, k, s);
 #else
   return false;
 #endif
