@@ -76,10 +76,9 @@ def linear_with_packed_copy(x: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     packed = _packed_copy(weight) if x.dim() == 2 and x.dtype == weight.dtype else None
     if packed is None:
         return None
-    if packed.dtype == x.dtype:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, None, "none", [],
-                                              "").to(x.dtype)
+    # `.to` is a no-op where the copy has x's dtype (float32 weights)
+    out = torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, None, "none", [], "")
+    return out.to(x.dtype)
 
 
 def _linear_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
