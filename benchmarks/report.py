@@ -3,7 +3,7 @@ markdown table, PNG chart and README section built from them."""
 
 from pathlib import Path
 
-from .roofline import decode_fraction, throughput_fraction
+from .roofline import decode_fraction, matmul_ceiling, throughput_fraction
 from .stats import summarize, token_timing
 
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "f32": 4, "f16": 2}
@@ -142,8 +142,7 @@ def summarize_report(report: dict) -> dict:
                 ratios[key] = spread.median if spread else None
                 ranges[key] = [spread.min, spread.max] if spread else None
         s["ratios"], s["ratio_ranges"] = ratios, ranges
-        peak = roof["matmul_flops"]["bfloat16" if precision in ("bfloat16", "f16")
-                                    else "float32"]
+        peak = matmul_ceiling(roof["matmul_flops"], precision)
         s["roofline"] = {
             "weight_bytes": weight_bytes,
             "decode_share_of_bandwidth": decode_fraction(decode, weight_bytes,
@@ -194,7 +193,9 @@ def render_markdown(report: dict) -> str:
         f"{bandwidth / 1e9:.1f} GB/s, so batch-1 decode cannot exceed "
         f"{bandwidth / (4 * params):.0f} tok/s in float32 or {bandwidth / (2 * params):.0f} "
         f"in 16-bit; matmul {roof['matmul_flops']['float32'] / 1e9:.0f} GFLOP/s in float32, "
-        f"{roof['matmul_flops']['bfloat16'] / 1e9:.0f} in bfloat16.",
+        f"{roof['matmul_flops']['bfloat16'] / 1e9:.0f} in bfloat16 (16-bit engines are held "
+        f"to the faster of the two: widened to float32, 16-bit weights multiply at float32's "
+        f"rate).",
         "",
         "Medians of the repetitions, (min–max) where they differ. latency: one "
         f"{report['prompts']['latency_len']}-token prompt, 128 new tokens; throughput: 64 "

@@ -81,3 +81,14 @@ def throughput_fraction(tokens_per_s: float, matmul_params: int, peak_flops: flo
     """Share of the matmul ceiling: each processed token costs 2 FLOPs per weight it meets
     (attention's own products are small at these lengths and left out)."""
     return tokens_per_s * 2 * matmul_params / peak_flops
+
+
+def matmul_ceiling(matmul_flops: dict[str, float], precision: str) -> float:
+    """The matmul ceiling of an engine at `precision` (its label: float32, bfloat16, f16,
+    ...), from the run's measured products {"float32": FLOP/s, "bfloat16": FLOP/s}. A 16-bit
+    engine gets the faster of the two: where torch's bfloat16 product crawls (CPUs without
+    bfloat16 instructions), 16-bit weights widened to float32 multiply at float32's rate,
+    as kiln's own bfloat16 engine does there."""
+    if precision in ("bfloat16", "f16"):
+        return max(matmul_flops["bfloat16"], matmul_flops["float32"])
+    return matmul_flops["float32"]

@@ -9,7 +9,12 @@ import pytest
 from kiln.benchmarks.harness import ENGINES, bench, bench_prompts
 from kiln.benchmarks.harness import main as bench_main
 from kiln.benchmarks.report import render_markdown, summarize_report, update_readme
-from kiln.benchmarks.roofline import decode_fraction, model_numbers, throughput_fraction
+from kiln.benchmarks.roofline import (
+    decode_fraction,
+    matmul_ceiling,
+    model_numbers,
+    throughput_fraction,
+)
 from kiln.benchmarks.stats import percentile, summarize, token_timing
 from kiln.benchmarks.workloads import jsonl_prompts, synthetic_prompts
 
@@ -72,6 +77,11 @@ def test_roofline_arithmetic():
     assert decode_fraction(50, 500e6, 50e9) == pytest.approx(0.5)
     # 1000 tok/s through 100 M weights is 200 GFLOP/s: 80 % of 250 GFLOP/s.
     assert throughput_fraction(1000, 100_000_000, 250e9) == pytest.approx(0.8)
+    # A 16-bit engine is held to the faster product: float32's where bfloat16 crawls.
+    crawling = {"float32": 120e9, "bfloat16": 1e9}
+    assert matmul_ceiling(crawling, "bfloat16") == matmul_ceiling(crawling, "f16") == 120e9
+    assert matmul_ceiling({"float32": 100e9, "bfloat16": 400e9}, "bfloat16") == 400e9
+    assert matmul_ceiling(crawling, "float32") == matmul_ceiling(crawling, "q4_1") == 120e9
 
 
 def _fake_report():
