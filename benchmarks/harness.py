@@ -246,6 +246,16 @@ def model_files(model: str | None) -> tuple[Path, Path]:
     return folder, gguf
 
 
+def model_name(model: str | None, gguf: Path | None) -> str:
+    """The model as a reader knows it: the name given, or the embedded default's hub id and
+    the file it was converted from."""
+    from kiln.resolve import DEFAULT_MODEL
+
+    if model is not None:
+        return model
+    return f"{DEFAULT_MODEL} (the embedded {gguf.name}, dequantized to float32)"
+
+
 def gguf_for(spec: EngineSpec, gguf: Path | None, work: Path) -> Path | None:
     from .gguf_variants import write_unquantized
 
@@ -297,6 +307,7 @@ def bench(workloads: list[str], engine_names: list[str], model: str | None, repe
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": command,
         "machine": machine_info(), "versions": versions(), "model": str(folder),
+        "model_name": model_name(model, gguf),
         "model_numbers": model_numbers(config),
         "roofline": {"bandwidth_bytes_s": measure_bandwidth(),
                      "matmul_flops": {"float32": measure_matmul_peak(_torch_dtype("f32")),

@@ -182,11 +182,12 @@ def render_markdown(report: dict) -> str:
     m, roof, summary = report["machine"], report["roofline"], report["summary"]
     bandwidth = roof["bandwidth_bytes_s"]
     params = report["model_numbers"]["params"]
+    model = report.get("model_name") or Path(report["model"]).name  # runs before: no name
     lines = [
         f"Measured {report['date']} on {m.get('cpu', 'an unknown CPU')}, {m['cores']} cores, "
         f"{m.get('memory_gib', '?')} GiB" + (f", {m['gpu']}" if m.get("gpu") else "") +
         f"; torch {report['versions']['torch']}, transformers "
-        f"{report['versions']['transformers']}. Model: {Path(report['model']).name} "
+        f"{report['versions']['transformers']}. Model: {model} "
         f"({params / 1e6:.0f} M parameters). Prompts: {report['prompts']['source']}.",
         "",
         f"Ceilings measured at the start of the run: memory bandwidth "

@@ -2,11 +2,12 @@
 run of the harness on a tiny model with the engines every machine has."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kiln.benchmarks.harness import ENGINES, bench, bench_prompts
+from kiln.benchmarks.harness import ENGINES, bench, bench_prompts, model_name
 from kiln.benchmarks.harness import main as bench_main
 from kiln.benchmarks.report import render_markdown, summarize_report, update_readme
 from kiln.benchmarks.roofline import (
@@ -177,6 +178,17 @@ def test_a_share_above_its_ceiling_is_flagged_and_explained():
     report["engines"].pop("kiln")
     report["summary"] = summarize_report(report)
     assert "↑" not in render_markdown(report)
+
+
+def test_the_report_names_the_model_as_given_or_the_embedded_one():
+    report = _fake_report()
+    report["summary"] = summarize_report(report)
+    assert "Model: SmolLM2 (100 M parameters)" in render_markdown(report)  # an older run
+    report["model_name"] = model_name(None, Path("/w/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert "Model: HuggingFaceTB/SmolLM2-135M-Instruct (the embedded " \
+           "SmolLM2-135M-Instruct.Q4_1.gguf, dequantized to float32) (100 M parameters)" \
+           in render_markdown(report)
+    assert model_name("/models/tiny", None) == "/models/tiny"
 
 
 def test_compare_two_runs(tmp_path, capsys):
